@@ -1,0 +1,128 @@
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from vlpref.config import load_config
+from vlpref.errors import ConfigError
+
+GOOD = """\
+name: demo
+taxonomy: taxonomy.yaml
+workspace: work
+endpoints:
+  sim:
+    kind: openai
+    base_url: http://127.0.0.1:9/v1
+    concurrency: 8
+  hosted:
+    kind: openai
+    base_url: https://api.example.com/v1
+    api_key_env: EXAMPLE_API_KEY
+    rpm: 500
+models:
+  - name: refuser
+    endpoint: sim
+    model: sim-refuser
+    sampling: {temperature: 0.7, max_tokens: 128, n: 2}
+  - name: hosted-model
+    endpoint: hosted
+    model: some-vlm
+generator: {name: gen, endpoint: sim, model: sim-judge}
+judges:
+  - name: judge
+    endpoint: sim
+    model: sim-judge
+    sampling: {temperature: 0, logprobs: true, top_logprobs: 5}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_a_good_config_loads_with_paths_resolved(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    assert [m.name for m in config.models] == ["refuser", "hosted-model"]
+    assert config.models[0].sampling.to_params().n == 2
+    assert config.taxonomy == str(tmp_path / "taxonomy.yaml")
+    assert config.workspace == str(tmp_path / "work")
+    assert config.store == str(tmp_path / ".vlpref/store")
+    assert config.endpoint_kind("hosted") == "openai"
+    assert config.stages.pairs.policy == "spa-vl"
+
+
+def test_config_hash_ignores_where_files_live(tmp_path: Path) -> None:
+    a = load_config(write(tmp_path, GOOD))
+    b = load_config(write(tmp_path, GOOD.replace("workspace: work", "workspace: elsewhere")))
+    c = load_config(write(tmp_path, GOOD.replace("n: 2", "n: 3")))
+    assert a.content_hash() == b.content_hash() != c.content_hash()
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "line", "expected"),
+    [
+        (("concurrency: 8", "concurency: 8"), "endpoints.sim.concurency", 8, "unknown field"),
+        (("concurrency: 8", "concurrency: many"), "endpoints.sim.concurrency", 8, "valid integer"),
+        (
+            ("base_url: http://127.0.0.1:9/v1", "base_url: ftp://x"),
+            "endpoints.sim.base_url",
+            7,
+            "http",
+        ),
+        (("n: 2}", "n: 0}"), "models[0].sampling.n", 18, "greater than or equal to 1"),
+        (
+            ("endpoint: hosted\n", "endpoint: nowhere\n"),
+            "models[1].endpoint",
+            20,
+            "unknown endpoint 'nowhere'",
+        ),
+        (("name: hosted-model", "name: refuser"), "models[1].name", 19, "duplicate model name"),
+        (
+            ("kind: openai\n    base_url: https://api", "kind: nosuch\n    base_url: https://api"),
+            "endpoints.hosted.kind",
+            10,
+            "no provider of kind 'nosuch'",
+        ),
+        (("name: demo\n", ""), "name", None, "required field is missing"),
+    ],
+)
+def test_errors_name_file_field_line_and_expectation(
+    tmp_path: Path, change: tuple[str, str], field: str, line: int | None, expected: str
+) -> None:
+    assert change[0] in GOOD
+    path = write(tmp_path, GOOD.replace(change[0], change[1], 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {field}: ")
+    if line is not None:
+        assert f"line {line}:" in message
+    assert expected in message
+
+
+def test_an_api_key_in_the_file_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    text = GOOD.replace("api_key_env: EXAMPLE_API_KEY", "api_key: sk-very-secret")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert "endpoints.hosted.api_key" in message and "api_key_env" in message
+    assert "sk-very-secret" not in message
+
+
+def test_secret_headers_are_refused(tmp_path: Path) -> None:
+    text = GOOD.replace("rpm: 500", "rpm: 500\n    headers: {Authorization: Bearer x}")
+    with pytest.raises(ConfigError, match="api_key_env"):
+        load_config(write(tmp_path, text))
+
+
+def test_yaml_syntax_errors_give_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"run\.yaml: line \d+: invalid YAML"):
+        load_config(write(tmp_path, "name: x\nmodels:\n  - [unclosed\n"))
+
+
+def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")

@@ -1,0 +1,68 @@
+"""The `vlpref` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from vlpref.errors import VlprefError
+
+app = typer.Typer(
+    name="vlpref",
+    help="Build safety preference datasets for vision-language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True, soft_wrap=True)
+
+
+@app.command("sim-server")
+def sim_server(
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0 picks a free one)")] = 8765,
+    config: Annotated[
+        Path | None, typer.Option(help="sim config YAML (personas, faults, latency)")
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to bind; keep it on loopback")] = "127.0.0.1",
+) -> None:
+    """Serve the simulated OpenAI-compatible endpoint (a test double: never a real model)."""
+    from vlpref.sim.server import run_server
+
+    run_server(host=host, port=port, config_path=str(config) if config else None)
+
+
+@app.command("check")
+def check(config: Annotated[Path, typer.Argument(help="run config YAML")]) -> None:
+    """Validate a run config (and its taxonomy) without running anything."""
+    from vlpref.config import load_config
+
+    cfg = load_config(config)
+    console.print(
+        f"[green]ok[/green] {config}: {len(cfg.models)} response model(s), "
+        f"{len(cfg.judges)} judge(s), {len(cfg.endpoints)} endpoint(s), "
+        f"config {cfg.content_hash()[:12]}"
+    )
+
+
+@app.command("providers")
+def providers() -> None:
+    """List the provider kinds a config may use (built-in and plug-ins)."""
+    from vlpref.providers.registry import available_kinds
+
+    for kind in available_kinds():
+        typer.echo(kind)
+
+
+def main() -> None:
+    try:
+        app()
+    except VlprefError as exc:
+        console.print(f"error: {exc}", highlight=False, markup=False)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Request keys: what makes two requests "the same" for the journal.
+
+A sample's key is the sha256 of (provider identity, model id, sampling params except `n`, the
+messages with every image replaced by its content hash, prompt version, sample index). Anything
+that can change the answer is in it; nothing that cannot (the caller's request id, the endpoint's
+URL or port, the API key) is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from vlpref.chat import ChatRequest, ImagePart, Message
+
+
+def _canonical_message(message: Message) -> dict[str, Any]:
+    parts: list[dict[str, str]] = []
+    for part in message.content:
+        if isinstance(part, ImagePart):
+            parts.append({"type": "image", "sha256": part.sha256})
+        else:
+            parts.append({"type": "text", "text": part.text})
+    return {"role": message.role, "content": parts}
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON: sorted keys, no whitespace, unicode kept."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_fingerprint(provider_id: str, request: ChatRequest) -> str:
+    """Hash of everything about a request that changes its answers, except the sample index."""
+    payload = {
+        "provider": provider_id,
+        "model": request.model,
+        "params": request.params.keyed(),
+        "messages": [_canonical_message(m) for m in request.messages],
+        "prompt_version": request.prompt_version,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def sample_key(fingerprint: str, sample_index: int) -> str:
+    """The journal key of one sample of a request."""
+    return hashlib.sha256(f"{fingerprint}:{sample_index}".encode()).hexdigest()[:40]
+
+
+def sample_keys(provider_id: str, request: ChatRequest) -> list[str]:
+    """The keys of samples 0..n-1 of a request."""
+    fp = request_fingerprint(provider_id, request)
+    return [sample_key(fp, i) for i in range(request.params.n)]
