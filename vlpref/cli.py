@@ -20,6 +20,22 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)
 
 
+# Served when `vlpref sim-server` gets no --config: one model per persona.
+DEFAULT_SIM_MODELS = {
+    f"sim-{persona}": {"persona": persona}
+    for persona in (
+        "refuser",
+        "safe-helpful",
+        "over-compliant",
+        "jailbroken",
+        "mixed",
+        "filtered",
+        "echo",
+        "judge",
+    )
+}
+
+
 @app.command("sim-server")
 def sim_server(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0 picks a free one)")] = 8765,
@@ -29,9 +45,13 @@ def sim_server(
     host: Annotated[str, typer.Option(help="address to bind; keep it on loopback")] = "127.0.0.1",
 ) -> None:
     """Serve the simulated OpenAI-compatible endpoint (a test double: never a real model)."""
-    from vlpref.sim.server import run_server
+    import asyncio
 
-    run_server(host=host, port=port, config_path=str(config) if config else None)
+    from vlpref.sim.__main__ import serve
+    from vlpref.sim.config import load_config as load_sim_config
+
+    sim_config = load_sim_config(config if config else {"models": DEFAULT_SIM_MODELS})
+    asyncio.run(serve(sim_config, host, port))
 
 
 @app.command("check")

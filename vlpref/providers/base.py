@@ -43,8 +43,8 @@ class Provider(abc.ABC):
         `cache_namespace`."""
         return self.kind
 
-    @classmethod
-    def validate_options(cls, options: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+    @classmethod  # noqa: B027 - an optional hook, a no-op by default
+    def validate_options(cls, options: Mapping[str, Any]) -> None:
         """Check an endpoint entry when the config is loaded, long before a request is sent.
         Raise pydantic's ValidationError (its locations become config field paths) or
         ProviderError. The default accepts anything."""

@@ -188,6 +188,12 @@ def _classify(exc: BaseException) -> _RetryableError | _FinalError:
     if isinstance(exc, _RetryableError | _FinalError):
         return exc
     if isinstance(exc, openai.APITimeoutError):
+        import httpx2
+
+        # The aiohttp transport reports a refused connection as a ConnectTimeout: either way it is
+        # the connection phase that failed, not a slow answer.
+        if isinstance(exc.__cause__, httpx2.ConnectTimeout):
+            return _RetryableError("connection", f"cannot connect: {exc.__cause__}", None, None)
         return _RetryableError("timeout", "request timed out", None, None)
     if isinstance(exc, openai.APIConnectionError):
         return _RetryableError(
@@ -259,7 +265,7 @@ class OpenAICompatProvider(Provider):
         if opts.api_key_secret:
             from prefect.blocks.system import Secret
 
-            secret: Secret[str] = await Secret.aload(opts.api_key_secret)  # type: ignore[assignment]
+            secret: Secret[str] = await Secret.aload(opts.api_key_secret)
             return str(secret.get())
         # Local servers (vLLM, the sim) accept any key; the SDK insists on one.
         return "EMPTY"

@@ -1,0 +1,226 @@
+"""The OpenAI-compatible provider against the simulated server over real HTTP on loopback.
+
+Nothing of ours is mocked: the sim server is a separate process speaking the OpenAI protocol, and
+its request counters prove how many attempts reached it.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from vlpref.chat import ChatRequest, ChatResult, ImagePart, Message, SamplingParams
+from vlpref.providers import complete_all, create_provider
+from vlpref.providers.openai_compat import OpenAICompatProvider
+from vlpref.sim.testing import SimServer
+
+ONCE = {"rate": 1.0, "max_per_request": 1}
+
+SIM_CONFIG: dict[str, Any] = {
+    "models": {
+        "helpful": {"persona": "safe-helpful"},
+        "refuser": {"persona": "refuser"},
+        "filtered": {"persona": "filtered", "filter_rate": 1.0},
+        "judge": {"persona": "judge"},
+        "flaky-429": {"persona": "echo", "faults": {"rate_limit": {**ONCE, "retry_after_s": 0.3}}},
+        "flaky-500": {"persona": "echo", "faults": {"server_error": ONCE}},
+        "flaky-malformed": {"persona": "echo", "faults": {"malformed": ONCE}},
+        "flaky-hang": {"persona": "echo", "faults": {"hang": {**ONCE, "hang_s": 3.0}}},
+        "broken-500": {"persona": "echo", "faults": {"server_error": {"rate": 1.0}}},
+        "limited": {"persona": "echo", "rate_limit": {"rpm": 60}},
+        "paced": {"persona": "echo"},
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimServer]:
+    with SimServer(SIM_CONFIG) as server:
+        yield server
+
+
+def provider(sim: SimServer, **options: Any) -> OpenAICompatProvider:
+    defaults: dict[str, Any] = {
+        "base_url": sim.base_url,
+        "concurrency": 8,
+        "timeout_s": 1.0,
+        "max_attempts": 4,
+        "backoff_initial_s": 0.01,
+        "backoff_max_s": 0.05,
+    }
+    made = create_provider("openai", {**defaults, **options})
+    assert isinstance(made, OpenAICompatProvider)
+    return made
+
+
+def png_bytes(color: str = "red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def requests(model: str, count: int, **params: Any) -> list[ChatRequest]:
+    return [
+        ChatRequest(
+            id=f"{model}-{i}",
+            model=model,
+            messages=(Message.user(f"question number {i} about the picture"),),
+            params=SamplingParams(**params),
+        )
+        for i in range(count)
+    ]
+
+
+def by_status(sim: SimServer, model: str) -> dict[str, int]:
+    return dict(sim.counters()["by_model"].get(model, {}))
+
+
+async def run(p: OpenAICompatProvider, batch: list[ChatRequest]) -> list[ChatResult]:
+    async with p:
+        return await complete_all(p, batch)
+
+
+async def test_text_image_n_and_logprobs(sim: SimServer) -> None:
+    request = ChatRequest(
+        id="r",
+        model="helpful",
+        messages=(Message.user(ImagePart(data=png_bytes()), "What is shown here?"),),
+        params=SamplingParams(n=3, temperature=0.9, max_tokens=64, logprobs=True, top_logprobs=3),
+    )
+    (result,) = await run(provider(sim), [request])
+    assert result.ok, result.failure
+    assert [s.index for s in result.samples] == [0, 1, 2]
+    assert all(s.text and s.finish_reason in {"stop", "length"} for s in result.samples)
+    assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
+    logprobs = result.samples[0].logprobs
+    assert logprobs is not None and len(logprobs) > 0
+    assert all(len(t.top) == 3 and t.logprob <= 0 for t in logprobs)
+    assert result.attempts == 1 and not result.cached
+
+
+async def test_refusals_and_content_filter_stops_are_results_not_errors(sim: SimServer) -> None:
+    refusal, filtered = await run(
+        provider(sim), [*requests("refuser", 1), *requests("filtered", 1)]
+    )
+    assert refusal.ok and "sorry" in refusal.samples[0].text.lower()
+    assert filtered.ok and filtered.samples[0].finish_reason == "content_filter"
+    assert filtered.attempts == 1  # never retried
+
+
+@pytest.mark.parametrize(
+    ("model", "fault_status"),
+    [("flaky-429", "429"), ("flaky-500", "500"), ("flaky-malformed", "200"), ("flaky-hang", None)],
+)
+async def test_every_transient_fault_is_retried_once_then_answered(
+    sim: SimServer, model: str, fault_status: str | None
+) -> None:
+    count = 6
+    results = await run(provider(sim), requests(model, count))
+    assert all(r.ok for r in results), [r.failure for r in results]
+    assert [r.attempts for r in results] == [2] * count
+    counters = by_status(sim, model)
+    # Exactly one fault and one success reached the server for each request.
+    assert sum(counters.values()) == 2 * count
+    if fault_status == "200":  # a malformed body still has status 200
+        assert counters == {"200": 2 * count}
+    elif fault_status is not None:
+        assert counters == {fault_status: count, "200": count}
+    fault_kind = (
+        model.removeprefix("flaky-").replace("429", "rate_limit").replace("500", "server_error")
+    )
+    assert sim.counters()["faults"].get(fault_kind) == count
+
+
+async def test_retry_after_is_honoured(sim: SimServer) -> None:
+    sim.reset()
+    await run(provider(sim), requests("flaky-429", 1))
+    log = [e for e in sim.requests_log() if e["model"] == "flaky-429"]
+    assert [e["status"] for e in log] == [429, 200]
+    assert log[1]["t"] - log[0]["t"] >= 0.3  # the server asked for 300 ms
+
+
+async def test_a_request_that_keeps_failing_becomes_a_failure_value(sim: SimServer) -> None:
+    results = await run(provider(sim, max_attempts=3), requests("broken-500", 4))
+    assert all(not r.ok for r in results)
+    for r in results:
+        assert r.failure is not None
+        assert (r.failure.kind, r.failure.status, r.failure.attempts) == ("server_error", 500, 3)
+    assert by_status(sim, "broken-500") == {"500": 12}
+
+
+async def test_a_bad_request_is_not_retried_and_does_not_sink_the_batch(sim: SimServer) -> None:
+    bad_image = ChatRequest(
+        id="bad",
+        model="helpful",
+        messages=(Message.user(ImagePart(data=b"not an image"), "what?"),),
+    )
+    unknown_model = requests("no-such-model", 1)[0]
+    batch = [*requests("helpful", 3), bad_image, unknown_model]
+    results = await run(provider(sim), batch)
+    assert [r.request.id for r in results] == [r.id for r in batch]
+    assert [r.ok for r in results] == [True, True, True, False, False]
+    assert results[3].failure is not None and results[3].failure.kind == "bad_request"
+    assert results[3].failure.status == 400 and results[3].failure.attempts == 1
+    assert results[4].failure is not None and results[4].failure.status == 404
+
+
+async def test_connection_errors_end_as_failures() -> None:
+    p = create_provider(
+        "openai",
+        {
+            "base_url": "http://127.0.0.1:9/v1",
+            "max_attempts": 2,
+            "backoff_initial_s": 0.01,
+            "timeout_s": 1,
+        },
+    )
+    assert isinstance(p, OpenAICompatProvider)
+    (result,) = await run(p, requests("x", 1))
+    assert result.failure is not None
+    assert (result.failure.kind, result.failure.attempts) == ("connection", 2)
+
+
+async def test_client_side_rpm_paces_requests(sim: SimServer) -> None:
+    sim.reset()
+    await run(provider(sim, rpm=300, concurrency=16), requests("paced", 15))  # 5/s
+    stamps = sorted(e["t"] for e in sim.requests_log() if e["model"] == "paced")
+    assert len(stamps) == 15
+    assert stamps[-1] - stamps[0] >= 1.8  # 5 at once, then 10 more at 5/s
+    for i, t in enumerate(stamps):  # no second holds more than burst + refill
+        assert sum(1 for s in stamps[i:] if s - t < 1.0) <= 10
+
+
+async def test_server_rate_limit_headers_are_adopted(sim: SimServer) -> None:
+    p = provider(sim)
+    assert p.limiter.rpm is None
+    await run(p, requests("limited", 2))
+    assert p.limiter.rpm == 60  # learnt from x-ratelimit-limit-requests
+
+
+async def test_api_key_comes_from_the_environment(
+    sim: SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = provider(sim, api_key_env="VLPREF_TEST_KEY")
+    monkeypatch.delenv("VLPREF_TEST_KEY", raising=False)
+    from vlpref.errors import ProviderError
+
+    with pytest.raises(ProviderError, match="VLPREF_TEST_KEY"):
+        await run(p, requests("helpful", 1))
+    monkeypatch.setenv("VLPREF_TEST_KEY", "sk-test-not-logged")
+    results = await run(provider(sim, api_key_env="VLPREF_TEST_KEY"), requests("helpful", 1))
+    assert results[0].ok
+
+
+async def test_concurrency_limit_holds(sim: SimServer) -> None:
+    """With 50 ms of latency and 4 workers, 12 requests need at least 3 rounds."""
+    with SimServer(
+        {"latency": {"kind": "constant", "ms": 50}, "models": {"slow": {"persona": "echo"}}}
+    ) as slow:
+        t0 = time.perf_counter()
+        await run(provider(slow, concurrency=4), requests("slow", 12))
+        assert time.perf_counter() - t0 >= 0.15

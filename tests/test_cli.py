@@ -1,0 +1,62 @@
+"""The `vlpref` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.test_config import GOOD
+
+VLPREF = [sys.executable, "-m", "vlpref.cli"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VLPREF, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_accepts_a_good_config(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text(GOOD)
+    proc = run("check", str(tmp_path / "run.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 response model(s)" in proc.stderr
+
+
+def test_check_reports_a_bad_config_with_exit_code_2(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text(GOOD.replace("concurrency: 8", "concurrency: -1"))
+    proc = run("check", str(tmp_path / "run.yaml"))
+    assert proc.returncode == 2
+    assert "endpoints.sim.concurrency: line 8:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_providers_lists_the_builtin_kind() -> None:
+    proc = run("providers")
+    assert proc.returncode == 0 and "openai" in proc.stdout.split()
+
+
+def test_sim_server_command_serves_health(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "sim.yaml"
+    config.write_text("models:\n  sim-refuser: {persona: refuser}\n")
+    server = subprocess.Popen([*VLPREF, "sim-server", "--port", str(port), "--config", str(config)])
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with opener.open(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "sim-server did not come up"
+                time.sleep(0.1)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

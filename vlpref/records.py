@@ -1,0 +1,155 @@
+"""The dataset's tables: one Arrow schema each, joined by ids (see the README's table reference).
+
+Rows are plain dicts that match these schemas; stages build them with the small helpers below, and
+`table(rows, SCHEMA)` turns a list of rows into a `pyarrow.Table` with exactly these columns, so a
+typo in a column name fails loudly instead of writing a new column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+
+IMAGES = pa.schema(
+    [
+        ("image_id", pa.string()),  # sha256 of the normalised image bytes
+        ("image_name", pa.string()),  # file name in SPA-VL's `image_name` column
+        ("bytes", pa.binary()),  # normalised image (PNG or JPEG)
+        ("format", pa.string()),  # "png" | "jpeg"
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("source", pa.string()),  # typographic | folder | manifest | url
+        ("source_meta", pa.string()),  # JSON: path / url / original size / renderer text ...
+        ("branch_id", pa.string()),
+        ("class1", pa.string()),
+        ("class2", pa.string()),
+        ("class3", pa.string()),
+        ("filter_scores", pa.string()),  # JSON: name -> score
+    ]
+)
+
+QUESTIONS = pa.schema(
+    [
+        ("question_id", pa.string()),
+        ("image_id", pa.string()),
+        ("type", pa.string()),  # easy | hardq | hards
+        ("text", pa.string()),
+        ("caption", pa.string()),
+        ("branch_id", pa.string()),
+        ("class1", pa.string()),
+        ("class2", pa.string()),
+        ("class3", pa.string()),
+        ("generator", pa.string()),
+        ("prompt_hash", pa.string()),
+    ]
+)
+
+RESPONSES = pa.schema(
+    [
+        ("response_id", pa.string()),
+        ("question_id", pa.string()),
+        ("model", pa.string()),
+        ("sample_idx", pa.int32()),
+        ("text", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("latency_s", pa.float64()),
+        ("cached", pa.bool_()),
+        ("branch_id", pa.string()),
+    ]
+)
+
+JUDGMENTS = pa.schema(
+    [
+        ("judgment_id", pa.string()),
+        ("kind", pa.string()),  # safety | rating | pairwise
+        ("question_id", pa.string()),
+        ("response_id", pa.string()),  # safety, rating: the response; pairwise: shown first
+        ("other_response_id", pa.string()),  # pairwise: shown second; else null
+        ("aspect", pa.string()),  # rating: harmlessness | helpfulness | faithfulness
+        ("judge", pa.string()),
+        ("verdict", pa.string()),  # safe/unsafe, "1".."5", A/B
+        ("score", pa.float64()),  # P(unsafe) | expected rating | P(first better)
+        ("probabilities", pa.string()),  # JSON: token -> probability over the verdict tokens
+        ("from_logprobs", pa.bool_()),  # false: parsed from text only
+        ("rationale", pa.string()),
+        ("raw", pa.string()),
+        ("branch_id", pa.string()),
+    ]
+)
+
+PAIRS = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("question_id", pa.string()),
+        ("chosen_response_id", pa.string()),
+        ("rejected_response_id", pa.string()),
+        ("chosen_model", pa.string()),
+        ("rejected_model", pa.string()),
+        ("margin", pa.float64()),
+        ("confidence", pa.float64()),
+        ("consistent", pa.bool_()),  # pairwise verdicts agreed in both orders
+        ("policy", pa.string()),
+        ("branch_id", pa.string()),
+    ]
+)
+
+RANKINGS = pa.schema(
+    [
+        ("question_id", pa.string()),
+        ("response_id", pa.string()),
+        ("model", pa.string()),
+        ("rank", pa.int32()),  # 1 = best
+        ("p_unsafe", pa.float64()),
+        ("harmlessness", pa.float64()),
+        ("helpfulness", pa.float64()),
+        ("faithfulness", pa.float64()),
+        ("overall", pa.float64()),
+        ("branch_id", pa.string()),
+    ]
+)
+
+FAILURES = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("branch_id", pa.string()),
+        ("item_id", pa.string()),
+        ("kind", pa.string()),
+        ("reason", pa.string()),
+        ("attempts", pa.int32()),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "images": IMAGES,
+    "questions": QUESTIONS,
+    "responses": RESPONSES,
+    "judgments": JUDGMENTS,
+    "pairs": PAIRS,
+    "rankings": RANKINGS,
+    "failures": FAILURES,
+}
+
+
+def stable_id(*parts: object, length: int = 24) -> str:
+    """A short deterministic id from its parts (same parts, same id, across runs and machines)."""
+    text = "\x1f".join(str(p) for p in parts)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows -> a table with exactly `schema`'s columns; an unknown or missing column is an error."""
+    rows = list(rows)
+    names = set(schema.names)
+    for index, row in enumerate(rows):
+        extra, missing = set(row) - names, names - set(row)
+        if extra or missing:
+            raise ValueError(
+                f"row {index} does not match the schema: "
+                f"unknown {sorted(extra)}, missing {sorted(missing)}"
+            )
+    return pa.Table.from_pylist(rows, schema=schema)

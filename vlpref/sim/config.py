@@ -1,0 +1,182 @@
+"""Configuration of the simulated OpenAI-compatible server.
+
+Example (YAML)::
+
+    seed: 0
+    image_tokens: 85
+    latency: {kind: constant, ms: 0}          # default for every model
+    faults:                                   # default for every model
+      rate_limit: {rate: 0.0, retry_after_s: 1.0}
+    rate_limit: null                          # {rpm: N, tpm: M}: enforced, per model
+    models:
+      sim-refuser: {persona: refuser}
+      sim-mixed: {persona: mixed, weights: {refuser: 1, safe-helpful: 2}}
+      sim-filtered: {persona: filtered, filter_rate: 0.3}
+      sim-judge:
+        persona: judge
+        malformed_rate: 0.05
+        position_bias: 0.2
+        latency: {kind: lognormal, mean_ms: 50, sigma: 0.5}
+        faults:
+          server_error: {rate: 0.1, max_per_request: 1}
+          hang: {rate: 0.01, hang_s: 30}
+        rate_limit: {rpm: 600, tpm: 200000}
+
+A model's own `latency`, `faults` and `rate_limit` replace the global ones when set. A global
+`rate_limit` gives every model its own window with those limits (as OpenAI limits per model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vlpref.errors import ConfigError
+
+PersonaName = Literal[
+    "refuser",
+    "safe-helpful",
+    "over-compliant",
+    "jailbroken",
+    "mixed",
+    "filtered",
+    "echo",
+    "judge",
+]
+StyleName = Literal["refuser", "safe-helpful", "over-compliant", "jailbroken"]
+FaultKind = Literal["rate_limit", "server_error", "hang", "malformed"]
+
+# Order in which fault kinds are drawn for one arrival; the first that fires wins.
+FAULT_ORDER: tuple[FaultKind, ...] = ("rate_limit", "server_error", "malformed", "hang")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LatencyConfig(_Strict):
+    """Delay before answering; `kind` picks which of the other fields are used."""
+
+    kind: Literal["constant", "uniform", "exponential", "lognormal"] = "constant"
+    ms: float = Field(default=0.0, ge=0)  # constant
+    low_ms: float = Field(default=0.0, ge=0)  # uniform
+    high_ms: float = Field(default=0.0, ge=0)  # uniform
+    mean_ms: float = Field(default=0.0, ge=0)  # exponential, lognormal
+    sigma: float = Field(default=0.5, ge=0)  # lognormal (of the underlying normal)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> LatencyConfig:
+        if self.kind == "uniform" and self.high_ms < self.low_ms:
+            raise ValueError("high_ms must be >= low_ms")
+        return self
+
+    @property
+    def is_zero(self) -> bool:
+        """True when no request is ever delayed."""
+        if self.kind == "constant":
+            return self.ms == 0
+        if self.kind == "uniform":
+            return self.high_ms == 0
+        return self.mean_ms == 0
+
+
+class FaultSpec(_Strict):
+    """One fault kind: how often it fires and at most how often per request body."""
+
+    rate: float = Field(default=0.0, ge=0, le=1)
+    max_per_request: int | None = Field(default=None, ge=0)
+    retry_after_s: float = Field(default=1.0, ge=0)  # rate_limit only
+    hang_s: float = Field(default=30.0, ge=0)  # hang only
+
+
+class RateLimitConfig(_Strict):
+    """Enforced limits over a sliding one-minute window; None means not enforced.
+
+    A request is admitted on prompt tokens + max_tokens (OpenAI's estimate) and its window entry
+    is then corrected to the tokens actually used. Over the limit: 429 with Retry-After.
+    """
+
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+
+
+class ModelConfig(_Strict):
+    """One served model name: its persona, persona parameters and overrides."""
+
+    persona: PersonaName
+    weights: dict[StyleName, float] = Field(default_factory=dict)  # mixed
+    filter_rate: float = Field(default=0.5, ge=0, le=1)  # filtered
+    malformed_rate: float = Field(default=0.0, ge=0, le=1)  # judge, TASK: questions
+    position_bias: float = Field(default=0.0, ge=0, le=1)  # judge, TASK: pairwise
+    latency: LatencyConfig | None = None
+    faults: dict[FaultKind, FaultSpec] | None = None
+    rate_limit: RateLimitConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> ModelConfig:
+        if any(w < 0 for w in self.weights.values()):
+            raise ValueError("weights must be >= 0")
+        if self.weights and sum(self.weights.values()) <= 0:
+            raise ValueError("weights must not all be zero")
+        return self
+
+
+class SimConfig(_Strict):
+    """The whole simulator configuration."""
+
+    seed: int = 0
+    image_tokens: int = Field(default=85, ge=0)
+    request_log_size: int = Field(default=200_000, gt=0)
+    latency: LatencyConfig = LatencyConfig()
+    faults: dict[FaultKind, FaultSpec] = Field(default_factory=dict)
+    rate_limit: RateLimitConfig | None = None
+    models: dict[str, ModelConfig] = Field(min_length=1)
+
+    def latency_for(self, model: str) -> LatencyConfig:
+        """The latency that applies to `model`."""
+        own = self.models[model].latency
+        return own if own is not None else self.latency
+
+    def faults_for(self, model: str) -> dict[FaultKind, FaultSpec]:
+        """The fault specs that apply to `model` (only those with rate > 0)."""
+        own = self.models[model].faults
+        specs = own if own is not None else self.faults
+        return {k: specs[k] for k in FAULT_ORDER if k in specs and specs[k].rate > 0}
+
+    def rate_limit_for(self, model: str) -> RateLimitConfig | None:
+        """The enforced limits for `model`, or None."""
+        own = self.models[model].rate_limit
+        limit = own if own is not None else self.rate_limit
+        if limit is None or (limit.rpm is None and limit.tpm is None):
+            return None
+        return limit
+
+
+def load_config(source: SimConfig | Mapping[str, Any] | str | Path) -> SimConfig:
+    """Build a SimConfig from a config, a dict, or a YAML/JSON file path.
+
+    Raises ConfigError naming the file and the first invalid field.
+    """
+    if isinstance(source, SimConfig):
+        return source
+    file: str | None = None
+    if isinstance(source, str | Path):
+        file = str(source)
+        try:
+            data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read sim config: {exc}", file=file) from exc
+    else:
+        data = dict(source)
+    if not isinstance(data, Mapping):
+        raise ConfigError("sim config must be a mapping", file=file)
+    try:
+        return SimConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        raise ConfigError(err["msg"], file=file, field=field) from exc

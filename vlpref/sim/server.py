@@ -1,0 +1,624 @@
+"""The simulated OpenAI-compatible HTTP server (aiohttp.web) - a test double, not a model.
+
+Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, and the introspection
+endpoints GET /sim/counters, GET /sim/requests, POST /sim/reset.
+
+Images: data URLs are base64-decoded and verified with Pillow; http(s) image URLs are
+accepted but never fetched (the sim runs offline), so they carry no size. Streaming is not
+supported (400). `top_p` and `stop` are accepted and ignored.
+
+Counters and the request log get one entry per arrival at the chat endpoint, written when the
+request finishes: `t` is the arrival time (time.monotonic(), comparable across processes on
+Linux), `status` the status sent, or 499 when the client went away first (e.g. during a hang),
+and `fault` one of rate_limit, server_error, hang, malformed, rate_limit_enforced, or null.
+POST /sim/reset also forgets the per-body arrival counts and the rate-limit windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from PIL import Image
+
+from vlpref.sim import personas
+from vlpref.sim.config import FaultKind, FaultSpec, LatencyConfig, SimConfig
+from vlpref.sim.faults import (
+    GENEROUS_HEADERS,
+    FaultBook,
+    SlidingWindow,
+    format_duration,
+    latency_s,
+)
+from vlpref.sim.tokens import build_logprobs, tokenize
+
+try:  # orjson is faster when present; it is not a requirement
+    import orjson
+
+    _dumps: Callable[[Any], bytes] = orjson.dumps
+    _loads: Callable[[bytes], Any] = orjson.loads
+except ImportError:  # pragma: no cover - depends on the environment
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+    _loads = json.loads
+
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+_IMAGE_CACHE_SIZE = 512
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+
+    def response(self, headers: dict[str, str] | None = None) -> web.Response:
+        """The JSON error response."""
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        return web.Response(
+            body=_dumps(body), status=self.status, headers=headers, content_type="application/json"
+        )
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A validated chat-completions request."""
+
+    model: str
+    messages: list[Any]
+    n: int
+    temperature: float
+    max_tokens: int | None
+    seed: int
+    logprobs: bool
+    top_logprobs: int
+    user_text: str
+    prompt_tokens: int
+    images: tuple[personas.ImageInfo, ...]
+
+
+@dataclass(slots=True)
+class Arrival:
+    """What gets recorded for one arrival once it finishes."""
+
+    t: float
+    model: str = "<invalid>"
+    status: int = 500
+    fault: str | None = None
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _int_field(
+    data: dict[str, Any], name: str, default: int | None, lo: int, hi: int
+) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ApiError(400, f"'{name}' must be an integer in [{lo}, {hi}].", param=name)
+    return value
+
+
+def _float_field(data: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = data.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ApiError(400, f"'{name}' must be a number in [{lo}, {hi}].", param=name)
+    return float(value)
+
+
+def _bad_image(detail: str) -> ApiError:
+    return ApiError(
+        400,
+        f"You uploaded an unsupported image ({detail}). Please make sure your image is valid.",
+        param="messages",
+        code="invalid_image_format",
+    )
+
+
+def inspect_image_url(url: str) -> personas.ImageInfo:
+    """Decode and verify a data URL with Pillow; http(s) URLs are accepted unfetched."""
+    if url.startswith(("http://", "https://")):
+        return personas.ImageInfo()
+    if not url.startswith("data:"):
+        raise ApiError(
+            400,
+            "Invalid image URL: expected a data URL or http(s) URL.",
+            param="messages",
+            code="invalid_image_url",
+        )
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise _bad_image("not a base64 data URL")
+    try:
+        raw = base64.b64decode(payload, validate=False)
+        with Image.open(io.BytesIO(raw)) as im:
+            width, height = im.size
+            im.verify()
+    except (binascii.Error, ValueError, OSError, SyntaxError) as exc:
+        raise _bad_image(type(exc).__name__) from exc
+    return personas.ImageInfo(width, height)
+
+
+class ImageCache:
+    """Remembers verified data URLs: a pipeline sends the same image many times."""
+
+    def __init__(self, size: int = _IMAGE_CACHE_SIZE) -> None:
+        self._size = size
+        self._items: dict[str, personas.ImageInfo] = {}
+
+    def get(self, url: str) -> personas.ImageInfo:
+        """The image's info, inspecting it on a miss (bad images are not cached)."""
+        info = self._items.get(url)
+        if info is None:
+            info = inspect_image_url(url)
+            if len(self._items) >= self._size:
+                self._items.pop(next(iter(self._items)))
+            self._items[url] = info
+        return info
+
+
+def _scan_messages(
+    messages: list[Any], images: ImageCache
+) -> tuple[list[str], str, list[personas.ImageInfo]]:
+    """All text parts, the last user message's text, and the images."""
+    texts: list[str] = []
+    infos: list[personas.ImageInfo] = []
+    user_text = ""
+    for msg in messages:
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise ApiError(400, "Each message needs a string 'role'.", param="messages")
+        content = msg.get("content")
+        own: list[str] = []
+        if isinstance(content, str):
+            own.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                _scan_part(part, own, infos, images)
+        elif content is not None:
+            raise ApiError(400, "'content' must be a string or an array.", param="messages")
+        texts.extend(own)
+        if msg["role"] == "user":
+            user_text = "\n".join(own)
+    return texts, user_text, infos
+
+
+def _scan_part(
+    part: Any, texts: list[str], infos: list[personas.ImageInfo], images: ImageCache
+) -> None:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        texts.append(part["text"])
+    elif kind == "image_url":
+        ref = part.get("image_url")
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str):
+            raise ApiError(400, "'image_url.url' must be a string.", param="messages")
+        infos.append(images.get(url))
+    else:
+        raise ApiError(400, f"Unsupported content part type {kind!r}.", param="messages")
+
+
+def parse_chat(body: bytes, config: SimConfig, images: ImageCache) -> ChatRequest:
+    """Validate a chat-completions body; raises ApiError (400/404)."""
+    try:
+        data = _loads(body)
+    except ValueError as exc:
+        raise ApiError(400, "We could not parse the JSON body of your request.") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    model = data.get("model")
+    if not isinstance(model, str):
+        raise ApiError(400, "You must provide a model parameter.", param="model")
+    if model not in config.models:
+        raise ApiError(
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    if data.get("stream"):
+        raise ApiError(400, "Streaming is not supported by the simulator.", param="stream")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
+    texts, user_text, infos = _scan_messages(messages, images)
+    _float_field(data, "top_p", 1.0, 0.0, 1.0)  # validated, then ignored
+    max_tokens = _int_field(data, "max_completion_tokens", None, 1, 10**7)
+    if max_tokens is None:
+        max_tokens = _int_field(data, "max_tokens", None, 1, 10**7)
+    logprobs = data.get("logprobs") is True
+    top_logprobs = _int_field(data, "top_logprobs", 0, 0, 20) or 0
+    if data.get("top_logprobs") is not None and not logprobs:
+        raise ApiError(
+            400, "'logprobs' must be set to true when 'top_logprobs' is used.", param="top_logprobs"
+        )
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ApiError(400, "'seed' must be an integer.", param="seed")
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        n=_int_field(data, "n", 1, 1, 128) or 1,
+        temperature=_float_field(data, "temperature", 1.0, 0.0, 2.0),
+        max_tokens=max_tokens,
+        seed=seed or 0,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        user_text=user_text,
+        prompt_tokens=sum(len(tokenize(t)) for t in texts) + config.image_tokens * len(infos),
+        images=tuple(infos),
+    )
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _choice(
+    settings: personas.PersonaSettings, req: ChatRequest, prompt: personas.Prompt, index: int
+) -> tuple[dict[str, Any], int]:
+    """One entry of `choices` and its completion token count."""
+    gen = personas.generate(
+        settings, prompt, seed=req.seed, index=index, temperature=req.temperature
+    )
+    tokens = tokenize(gen.text)
+    text: str = gen.text
+    finish: str = gen.finish_reason
+    if req.max_tokens is not None and len(tokens) > req.max_tokens:
+        tokens = tokens[: req.max_tokens]
+        text, finish = "".join(tokens), "length"
+    logprobs = None
+    if req.logprobs:
+        rng = personas.choice_rng(prompt.digest, req.seed + 1, index, req.temperature)
+        logprobs = build_logprobs(tokens, gen.decisions, req.top_logprobs, rng)
+    choice = {
+        "index": index,
+        "message": {"role": "assistant", "content": text, "refusal": None},
+        "logprobs": logprobs,
+        "finish_reason": finish,
+    }
+    return choice, len(tokens)
+
+
+def complete(
+    settings: personas.PersonaSettings, req: ChatRequest, completion_id: str
+) -> dict[str, Any]:
+    """The full chat.completion object."""
+    prompt = personas.Prompt(
+        digest=personas.prompt_digest(req.model, req.messages),
+        user_text=req.user_text,
+        images=req.images,
+    )
+    choices = []
+    completion_tokens = 0
+    for j in range(req.n):
+        choice, used = _choice(settings, req, prompt, j)
+        choices.append(choice)
+        completion_tokens += used
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": req.model,
+        "system_fingerprint": "fp_vlpref_sim",
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": req.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": req.prompt_tokens + completion_tokens,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRuntime:
+    """Everything about one served model that can be computed once at start-up."""
+
+    settings: personas.PersonaSettings
+    latency: LatencyConfig
+    faults: dict[FaultKind, FaultSpec]
+    window: SlidingWindow | None
+
+
+class SimState:
+    """Counters, the request log and per-model runtime state of one server."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.book = FaultBook(config.seed)
+        self.images = ImageCache()
+        self.models: dict[str, ModelRuntime] = {}
+        for name, mc in config.models.items():
+            limits = config.rate_limit_for(name)
+            self.models[name] = ModelRuntime(
+                settings=personas.PersonaSettings(
+                    persona=mc.persona,
+                    weights=tuple(mc.weights.items()),
+                    filter_rate=mc.filter_rate,
+                    malformed_rate=mc.malformed_rate,
+                    position_bias=mc.position_bias,
+                ),
+                latency=config.latency_for(name),
+                faults=config.faults_for(name),
+                window=SlidingWindow(limits) if limits is not None else None,
+            )
+        self.log: deque[tuple[float, str, int, str | None]] = deque(maxlen=config.request_log_size)
+        self._next_id = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero counters and log; forget arrivals and rate-limit windows."""
+        self.total = 0
+        self.by_model: dict[str, dict[str, int]] = {}
+        self.by_status: dict[str, int] = {}
+        self.faults: dict[str, int] = {}
+        self.log.clear()
+        self.book.reset()
+        for rt in self.models.values():
+            if rt.window is not None:
+                rt.window.reset()
+
+    def record(self, arrival: Arrival) -> None:
+        """Count one finished arrival."""
+        status = str(arrival.status)
+        self.total += 1
+        per_model = self.by_model.setdefault(arrival.model, {})
+        per_model[status] = per_model.get(status, 0) + 1
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+        if arrival.fault is not None:
+            self.faults[arrival.fault] = self.faults.get(arrival.fault, 0) + 1
+        self.log.append((arrival.t, arrival.model, arrival.status, arrival.fault))
+
+    def new_id(self) -> str:
+        """A fresh completion id."""
+        self._next_id += 1
+        return f"chatcmpl-sim{self._next_id:010x}"
+
+    def counters(self) -> dict[str, Any]:
+        """The /sim/counters payload."""
+        return {
+            "total": self.total,
+            "by_model": self.by_model,
+            "by_status": self.by_status,
+            "faults": self.faults,
+        }
+
+
+STATE_KEY = web.AppKey("vlpref_sim_state", SimState)
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def _retry_headers(wait_s: float, base: dict[str, str]) -> dict[str, str]:
+    headers = dict(base)
+    headers["Retry-After"] = str(max(0, math.ceil(wait_s)))
+    headers["retry-after-ms"] = str(max(0, round(wait_s * 1000)))
+    return headers
+
+
+def _injected_rate_limit(spec: FaultSpec) -> web.Response:
+    headers = _retry_headers(spec.retry_after_s, GENEROUS_HEADERS)
+    headers["x-ratelimit-remaining-requests"] = "0"
+    headers["x-ratelimit-reset-requests"] = format_duration(spec.retry_after_s)
+    err = ApiError(
+        429,
+        "Rate limit reached for requests (simulated). Please try again later.",
+        type_="requests",
+        code="rate_limit_exceeded",
+    )
+    return err.response(headers)
+
+
+def _server_error() -> web.Response:
+    err = ApiError(
+        500,
+        "The server had an error while processing your request (simulated).",
+        type_="server_error",
+    )
+    return err.response(dict(GENEROUS_HEADERS))
+
+
+def _admit(
+    rt: ModelRuntime, req: ChatRequest
+) -> tuple[list[float] | None, dict[str, str], web.Response | None]:
+    """Apply an enforced rate limit: (window entry, headers, 429 response or None)."""
+    if rt.window is None:
+        return None, GENEROUS_HEADERS, None
+    now = time.monotonic()
+    # Like OpenAI, admission counts max_tokens as an estimate; settle() fixes it afterwards.
+    entry, wait = rt.window.admit(now, req.prompt_tokens + (req.max_tokens or 0))
+    headers = rt.window.headers(now)
+    if entry is not None:
+        return entry, headers, None
+    limited = ApiError(
+        429,
+        f"Rate limit reached for {req.model} (simulated, enforced).",
+        type_="requests",
+        code="rate_limit_exceeded",
+    )
+    return None, headers, limited.response(_retry_headers(wait, headers))
+
+
+async def _handle_chat(request: web.Request, state: SimState, arrival: Arrival) -> web.Response:
+    body = await request.read()
+    try:
+        req = parse_chat(body, state.config, state.images)
+    except ApiError as err:
+        arrival.model = _model_hint(body)
+        return err.response(dict(GENEROUS_HEADERS))
+    arrival.model = req.model
+    rt = state.models[req.model]
+    entry, headers, refusal = _admit(rt, req)
+    if refusal is not None:
+        arrival.fault = "rate_limit_enforced"
+        return refusal
+    body_sha = hashlib.sha256(body).digest()
+    arrival_no = state.book.arrive(body_sha)
+    fault = state.book.draw(body_sha, arrival_no, rt.faults) if rt.faults else None
+    arrival.fault = fault
+    if fault == "rate_limit":
+        return _injected_rate_limit(rt.faults["rate_limit"])
+    if fault == "hang":
+        delay = rt.faults["hang"].hang_s
+    elif rt.latency.is_zero:
+        delay = 0.0
+    else:
+        delay = latency_s(rt.latency, body_sha, arrival_no, state.book.seed)
+    if fault == "server_error":
+        await _sleep(delay)
+        return _server_error()
+    payload = complete(rt.settings, req, state.new_id())
+    if entry is not None and rt.window is not None:
+        rt.window.settle(entry, payload["usage"]["total_tokens"])
+    data = _dumps(payload)
+    if fault == "malformed":
+        data = data[: len(data) // 2]  # truncated JSON, still labelled application/json
+    await _sleep(delay)
+    if request.transport is None or request.transport.is_closing():
+        arrival.status = 499  # the client went away (e.g. it timed out on a hang)
+    return web.Response(body=data, headers=headers, content_type="application/json")
+
+
+async def _sleep(delay: float) -> None:
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def _model_hint(body: bytes) -> str:
+    """The model named by an invalid request, for the counters."""
+    try:
+        data = _loads(body)
+    except ValueError:
+        return "<invalid>"
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else "<invalid>"
+
+
+async def chat_completions(request: web.Request) -> web.Response:
+    """POST /v1/chat/completions."""
+    state = request.app[STATE_KEY]
+    arrival = Arrival(t=time.monotonic())
+    try:
+        response = await _handle_chat(request, state, arrival)
+        if arrival.status != 499:
+            arrival.status = response.status
+        return response
+    except asyncio.CancelledError:
+        arrival.status = 499
+        raise
+    except web.HTTPException as exc:  # e.g. 413 for a body over client_max_size
+        arrival.status = exc.status
+        return ApiError(exc.status, exc.reason or "Request rejected.").response()
+    except Exception as exc:
+        # A sim bug must still look like an API error to the client, and be visible.
+        traceback.print_exc(file=sys.stderr)
+        arrival.status = 500
+        return ApiError(500, f"Simulator bug: {exc!r}", type_="server_error").response()
+    finally:
+        state.record(arrival)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models."""
+    state = request.app[STATE_KEY]
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "vlpref-sim"}
+        for name in state.config.models
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}."""
+    name = request.match_info["model"]
+    if name not in request.app[STATE_KEY].config.models:
+        return ApiError(
+            404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+        ).response()
+    return web.json_response(
+        {"id": name, "object": "model", "created": 0, "owned_by": "vlpref-sim"}
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /health."""
+    return web.json_response({"status": "ok"})
+
+
+async def sim_counters(request: web.Request) -> web.Response:
+    """GET /sim/counters."""
+    return web.Response(
+        body=_dumps(request.app[STATE_KEY].counters()), content_type="application/json"
+    )
+
+
+async def sim_requests(request: web.Request) -> web.Response:
+    """GET /sim/requests."""
+    log = [
+        {"t": t, "model": model, "status": status, "fault": fault}
+        for t, model, status, fault in request.app[STATE_KEY].log
+    ]
+    return web.Response(body=_dumps(log), content_type="application/json")
+
+
+async def sim_reset(request: web.Request) -> web.Response:
+    """POST /sim/reset."""
+    request.app[STATE_KEY].reset()
+    return web.json_response({"status": "reset"})
+
+
+def create_app(config: SimConfig) -> web.Application:
+    """The aiohttp application serving `config`."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[STATE_KEY] = SimState(config)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/health", health)
+    app.router.add_get("/sim/counters", sim_counters)
+    app.router.add_get("/sim/requests", sim_requests)
+    app.router.add_post("/sim/reset", sim_reset)
+    return app
