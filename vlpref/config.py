@@ -86,6 +86,8 @@ class FolderSource(_Strict):
 
     kind: Literal["folder"]
     path: str
+    # auto: flat when an override names exactly this branch, the class tree otherwise.
+    layout: Literal["auto", "tree", "flat"] = "auto"
 
 
 class ManifestSource(_Strict):
@@ -108,6 +110,14 @@ class ImagesStage(_Strict):
     max_side: int = Field(default=1024, ge=64)
     max_bytes: int = Field(default=20_000_000, ge=1024)
     download_timeout_s: float = Field(default=30.0, gt=0)
+    # Read by the images stage (tasks/images.py, vlpref/images/).
+    min_side: int = Field(default=32, ge=1, description="smallest side kept, after bounding")
+    max_pixels: int = Field(
+        default=64_000_000, ge=1, description="larger images are refused unread (bomb guard)"
+    )
+    encoding: Literal["auto", "png", "jpeg"] = "auto"  # auto: JPEG for lossy inputs, else PNG
+    download_attempts: int = Field(default=3, ge=1)
+    download_concurrency: int = Field(default=16, ge=1)
 
 
 class QuestionsStage(_Strict):
@@ -124,12 +134,41 @@ class JudgeStage(_Strict):
     )
     pairwise: bool = True
     max_pairs_per_question: int = Field(default=6, ge=0)
+    max_attempts: int = Field(default=3, ge=1, description="asks per judgment when unparseable")
 
 
 class PairsStage(_Strict):
     policy: Literal["spa-vl", "max-margin", "all-pairs"] = "spa-vl"
     min_margin: float = Field(default=0.5, ge=0)
     safety_groups: int = Field(default=5, ge=2)
+    # overall = sum of weight * score over harmlessness, helpfulness, faithfulness (ratings 1-5)
+    # and safety (1 - P(unsafe)); harmlessness-dominant, as SPA-VL ranks harmlessness first.
+    # See vlpref/selection.py.
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "harmlessness": 1.0,
+            "helpfulness": 0.2,
+            "faithfulness": 0.04,
+            "safety": 1.0,
+        }
+    )
+    same_model_pairs: bool = True  # two samples of one model may form a pair (RLAIF-V)
+    never_chosen: tuple[str, ...] = ("length", "content_filter")  # finish reasons never chosen
+    drop_contradicted: bool = True  # drop a rating pair the both-orders verdict reverses
+    seed: int = 0  # seeds spa-vl's choice of cross-group pairs
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        known = {"harmlessness", "helpfulness", "faithfulness", "safety"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown weight {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        if any(not 0 <= w < float("inf") for w in value.values()):
+            raise ValueError("weights must be finite and non-negative")
+        if not any(w > 0 for w in value.values()):
+            raise ValueError("at least one weight must be positive")
+        return value
 
 
 class PublishStage(_Strict):
@@ -164,6 +203,9 @@ class RunConfig(_Strict):
     generator: ModelEntry
     judges: tuple[ModelEntry, ...] = Field(min_length=1)
     stages: StagesConfig = StagesConfig()
+    prompts_dir: str | None = Field(
+        default=None, description="folder of prompt templates; the shipped prompts/ by default"
+    )
     only: tuple[str, ...] = ()
     source_file: str | None = Field(default=None, exclude=True)
 
@@ -276,6 +318,9 @@ def parse_config(
                 "taxonomy": _resolve_path(base_dir, config.taxonomy),
                 "workspace": _resolve_path(base_dir, config.workspace),
                 "store": _resolve_path(base_dir, config.store),
+                "prompts_dir": (
+                    _resolve_path(base_dir, config.prompts_dir) if config.prompts_dir else None
+                ),
                 "source_file": file,
             }
         )

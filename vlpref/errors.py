@@ -3,8 +3,9 @@
     VlprefError
     ├── ConfigError          a run config, taxonomy or prompt file is invalid (file + field)
     ├── DataError            input data is unusable (an image that fails to decode, a bad row)
+    │   └── JudgeParseError  a judge's output does not follow the verdict protocol
     ├── JournalError         the request journal cannot be read or written
-    ├── StoreError           the dataset store refuses an operation (a version exists, a lock is held)
+    ├── StoreError           the store refuses an operation (a version exists, a lock is held)
     └── ProviderError        a model provider cannot be built or used at all
         └── ProviderNotFound no built-in or plug-in provider has the requested kind
 
@@ -41,6 +42,13 @@ class ConfigError(VlprefError):
 
 class DataError(VlprefError):
     """Input data is unusable."""
+
+
+class JudgeParseError(DataError):
+    """A judge's output does not follow the verdict protocol; no score is made up for it.
+
+    The message says what was expected and quotes the start of what came back.
+    """
 
 
 class JournalError(VlprefError):

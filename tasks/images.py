@@ -1,0 +1,300 @@
+"""The images stage for one branch: pick the source, load, normalise, deduplicate, account.
+
+Accounting (unit: source items). `n_in` = items the source offered this branch (folder files,
+manifest rows naming the branch, typographic variants) plus manifest rows that could not be
+placed; `n_out` = unique normalised images (rows); every other item is a failure with a kind and a
+reason. A duplicate (same `image_id` as an earlier item of the branch) is a failure of kind
+`duplicate` naming the item it repeats: it went in and did not come out, so `n_in == n_out +
+n_failed` stays exact, and `extra["duplicates"]` counts them for anyone who wants errors only.
+Manifest rows of other branches are not this branch's input: `extra["skipped_rows"]`.
+
+The function is synchronous (it runs inside a Prefect task's worker thread); reading, downloading
+and normalising run on one private event loop, CPU work in threads, with bounded concurrency.
+Output order follows the source's order, whatever order downloads finish in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+from collections import Counter
+from collections.abc import Coroutine
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from vlpref.config import (
+    FolderSource,
+    ImageSource,
+    ImagesStage,
+    ManifestSource,
+    TypographicSource,
+)
+from vlpref.errors import ConfigError
+from vlpref.images.normalize import (
+    ImageRejected,
+    NormalizedImage,
+    NormalizeOptions,
+    normalize_bytes,
+    normalize_image,
+)
+from vlpref.images.sources import (
+    Fetched,
+    SourceItem,
+    SourceListing,
+    fetch_url,
+    list_folder,
+    list_manifest,
+    make_client,
+    read_local,
+)
+from vlpref.images.typographic import FONT_NAME, RENDERER, TypographicVariant, render, variants
+from vlpref.records import IMAGES, table
+from vlpref.stage import FailureRow, StageOutput
+from vlpref.taxonomy import Subcategory, Taxonomy
+
+__all__ = ["SourceChoice", "check_overrides", "choose_source", "collect_images", "list_items"]
+
+STAGE = "images"
+UNIT = "source items"
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class SourceChoice:
+    """The source a branch uses; `override` is the prefix that chose it (None: the default)."""
+
+    source: ImageSource
+    override: str | None
+    exact: bool  # the override names this very branch
+
+
+def choose_source(leaf: Subcategory, stage: ImagesStage) -> SourceChoice:
+    """`stage.overrides` by longest matching taxonomy path prefix, else `stage.source`."""
+    parts = _components(leaf.path)
+    best: tuple[int, str] | None = None
+    for key in stage.overrides:
+        prefix = _components(key)
+        if prefix == parts[: len(prefix)] and (best is None or len(prefix) > best[0]):
+            best = (len(prefix), key)
+    if best is None:
+        return SourceChoice(stage.source, None, exact=False)
+    return SourceChoice(stage.overrides[best[1]], best[1], exact=best[0] == len(parts))
+
+
+def check_overrides(stage: ImagesStage, taxonomy: Taxonomy) -> None:
+    """ConfigError for an override prefix that matches no subcategory; call once per run."""
+    # Per branch, a mistyped prefix is indistinguishable from "not mine": it would go unnoticed.
+    for key in stage.overrides:
+        try:
+            taxonomy.select([key])
+        except ConfigError as exc:
+            raise ConfigError(str(exc), field=f"stages.images.overrides[{key!r}]") from None
+
+
+def list_items(
+    choice: SourceChoice, leaf: Subcategory, *, base_dir: Path
+) -> tuple[SourceListing, dict[int, TypographicVariant]]:
+    """What the chosen source offers this branch (typographic variants by item index)."""
+    source = choice.source
+    if isinstance(source, FolderSource):
+        flat = source.layout == "flat" or (source.layout == "auto" and choice.exact)
+        return list_folder(source, leaf, base_dir=base_dir, flat=flat), {}
+    if isinstance(source, ManifestSource):
+        return list_manifest(source, leaf, base_dir=base_dir), {}
+    listing = SourceListing()
+    chosen: dict[int, TypographicVariant] = {}
+    for variant in variants(leaf, source.per_branch):
+        chosen[len(listing.items)] = variant
+        meta = {
+            "renderer": RENDERER,
+            "text": variant.text,
+            "layout": variant.layout,
+            "palette": variant.palette.name,
+            "variant": variant.index,
+            "canvas": source.size,
+            "font": FONT_NAME,
+        }
+        listing.items.append(SourceItem(f"typographic:{variant.index}", "typographic", meta))
+    return listing, chosen
+
+
+def collect_images(leaf: Subcategory, stage: ImagesStage, *, base_dir: Path) -> StageOutput:
+    """Collect, validate, normalise and deduplicate the images of one branch."""
+    choice = choose_source(leaf, stage)
+    listing, typo = list_items(choice, leaf, base_dir=base_dir)
+    canvas = choice.source.size if isinstance(choice.source, TypographicSource) else 0
+    loaded = _run(_load_all(listing.items, typo, canvas, stage))
+
+    rows: list[dict[str, Any]] = []
+    failures: list[FailureRow] = list(listing.failures)
+    first_seen: dict[str, str] = {}
+    for item, outcome in zip(listing.items, loaded, strict=True):
+        if isinstance(outcome, ImageRejected):
+            failures.append(
+                FailureRow(item.item_id, outcome.kind, outcome.reason, outcome.attempts)
+            )
+            continue
+        image, meta = outcome
+        earlier = first_seen.get(image.image_id)
+        if earlier is not None:
+            reason = f"same image as {earlier} (image_id {image.image_id[:16]})"
+            failures.append(FailureRow(item.item_id, "duplicate", reason))
+            continue
+        first_seen[image.image_id] = item.item_id
+        rows.append(_row(leaf, item, image, meta))
+
+    kinds = Counter(f.kind for f in failures)
+    extra: dict[str, Any] = {
+        "source": choice.source.kind,
+        "override": choice.override,
+        "duplicates": kinds.get("duplicate", 0),
+        "skipped_rows": listing.skipped,
+        "failed_by_kind": dict(sorted(kinds.items())),
+    }
+    if listing.notes:
+        extra["notes"] = list(listing.notes)
+    return StageOutput(
+        stage=STAGE,
+        branch_id=leaf.branch_id,
+        unit=UNIT,
+        n_in=len(listing.items) + len(listing.failures),
+        rows=table(rows, IMAGES),
+        failures=tuple(failures),
+        extra=extra,
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+_Outcome = tuple[NormalizedImage, dict[str, Any]] | ImageRejected
+
+
+async def _load_all(
+    items: list[SourceItem],
+    typo: dict[int, TypographicVariant],
+    canvas: int,
+    stage: ImagesStage,
+) -> list[_Outcome]:
+    options = NormalizeOptions(
+        max_side=stage.max_side,
+        min_side=stage.min_side,
+        max_pixels=stage.max_pixels,
+        encoding=stage.encoding,
+    )
+    # Decoding and resizing release the GIL in Pillow, so threads give real parallelism.
+    workers = min(8, os.cpu_count() or 1)
+    cpu = asyncio.Semaphore(workers)
+    net = asyncio.Semaphore(stage.download_concurrency)
+    # Items in progress at once: bounds the raw bytes held (read or downloaded, not yet
+    # normalised) to slots × max_bytes, however many items the branch has.
+    slots = asyncio.Semaphore(stage.download_concurrency + workers)
+    async with AsyncExitStack() as stack:
+        client: httpx.AsyncClient | None = None
+        if any(item.url for item in items):
+            client = await stack.enter_async_context(
+                make_client(
+                    timeout_s=stage.download_timeout_s, concurrency=stage.download_concurrency
+                )
+            )
+
+        async def one(index: int, item: SourceItem) -> _Outcome:
+            async with slots:
+                try:
+                    if index in typo:
+                        async with cpu:
+                            return await asyncio.to_thread(
+                                _typographic, typo[index], canvas, options
+                            )
+                    if item.url is None:
+                        assert item.path is not None
+                        async with cpu:
+                            return await asyncio.to_thread(
+                                _local, item.path, stage.max_bytes, options
+                            )
+                    assert client is not None
+                    async with net:
+                        fetched = await fetch_url(
+                            client,
+                            item.url,
+                            max_bytes=stage.max_bytes,
+                            timeout_s=stage.download_timeout_s,
+                            attempts=stage.download_attempts,
+                        )
+                    async with cpu:
+                        image = await asyncio.to_thread(normalize_bytes, fetched.data, options)
+                    return image, _download_meta(item.url, fetched)
+                except ImageRejected as exc:
+                    return exc
+
+        return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+    raise AssertionError("unreachable")
+
+
+def _local(
+    path: Path, max_bytes: int, options: NormalizeOptions
+) -> tuple[NormalizedImage, dict[str, Any]]:
+    return normalize_bytes(read_local(path, max_bytes), options), {}
+
+
+def _download_meta(url: str, fetched: Fetched) -> dict[str, Any]:
+    meta: dict[str, Any] = {"content_type": fetched.content_type}
+    if fetched.final_url != url:
+        meta["final_url"] = fetched.final_url
+    if fetched.attempts > 1:
+        meta["attempts"] = fetched.attempts
+    return meta
+
+
+def _typographic(
+    variant: TypographicVariant, canvas: int, options: NormalizeOptions
+) -> tuple[NormalizedImage, dict[str, Any]]:
+    rendered = render(variant, canvas)
+    # Rendered text is always lossless PNG, whatever `encoding` says for photos.
+    png = NormalizeOptions(options.max_side, options.min_side, options.max_pixels, "png")
+    image = normalize_image(rendered.image, png)
+    return image, {"font_size": rendered.font_size, "lines": list(rendered.lines)}
+
+
+def _row(
+    leaf: Subcategory, item: SourceItem, image: NormalizedImage, meta: dict[str, Any]
+) -> dict[str, Any]:
+    source_meta = {**item.meta, **meta, "original": image.original}
+    return {
+        "image_id": image.image_id,
+        "image_name": image.image_name,
+        "bytes": image.data,
+        "format": image.format,
+        "width": image.width,
+        "height": image.height,
+        "source": item.source,
+        "source_meta": _json(source_meta),
+        "branch_id": leaf.branch_id,
+        "class1": leaf.class1,
+        "class2": leaf.class2,
+        "class3": leaf.class3,
+        "filter_scores": _json(image.scores),
+    }
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _components(path: str) -> list[str]:
+    return [part.strip() for part in path.strip().strip("/").split("/")]
+
+
+def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+    """asyncio.run, also when the calling thread already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -1,0 +1,237 @@
+"""Questions stage: per image, a detailed caption, then SPA-VL's three prompt types.
+
+Two rounds of requests to the generator: captions for every image of the branch, then the
+questions (easy question, hard question, hard statement) from image + caption + class path. An
+answer that does not parse as the expected JSON is asked again with another seed, up to
+`max_attempts`; after that its question slots are failures with the reason. Nothing is filled
+with a placeholder.
+
+Accounting unit: question slots (images x configured types). in = out + failed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pyarrow as pa
+
+from tasks.common import image_part, provider_for, retry_params
+from vlpref.chat import ChatRequest, ChatResult, Message
+from vlpref.config import RunConfig
+from vlpref.journal import Journal
+from vlpref.prompts import Prompt, load_prompt
+from vlpref.records import QUESTIONS, stable_id, table
+from vlpref.service import ModelService
+from vlpref.stage import FailureRow, StageOutput
+from vlpref.taxonomy import Subcategory
+
+TYPE_KEYS = {"easy": "easy_question", "hardq": "hard_question", "hards": "hard_statement"}
+_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+
+
+class UnparseableQuestions(ValueError):
+    pass
+
+
+def parse_questions(text: str, types: tuple[str, ...]) -> dict[str, str]:
+    """The JSON object of the questions prompt -> {type: text}; tolerant of code fences and
+    chatter around the object, strict about the keys and their values."""
+    match = _JSON_OBJECT.search(text)
+    if not match:
+        raise UnparseableQuestions(f"no JSON object in the answer: {text[:80]!r}")
+    try:
+        data = json.loads(match.group(0))
+    except ValueError as exc:
+        raise UnparseableQuestions(f"invalid JSON ({exc.msg}): {text[:80]!r}") from exc
+    if not isinstance(data, dict):
+        raise UnparseableQuestions("the JSON is not an object")
+    out: dict[str, str] = {}
+    for qtype in types:
+        value = data.get(TYPE_KEYS[qtype])
+        if not isinstance(value, str) or not value.strip():
+            raise UnparseableQuestions(f"missing or empty {TYPE_KEYS[qtype]!r}")
+        out[qtype] = value.strip()
+    return out
+
+
+def class_path(leaf: Subcategory) -> str:
+    return f"{leaf.class1} > {leaf.class2} > {leaf.class3}"
+
+
+@dataclass
+class _Caption:
+    text: str | None = None
+    failure: str | None = None
+
+
+def generate_questions(
+    leaf: Subcategory,
+    images: pa.Table,
+    config: RunConfig,
+    journal: Journal | None,
+    service: ModelService | None = None,
+) -> StageOutput:
+    stage = config.stages.questions
+    gen = config.generator
+    provider = provider_for(config, gen, service)
+    service = service or ModelService.shared()
+    caption_prompt = load_prompt("caption", config.prompts_dir)
+    questions_prompt = load_prompt("questions", config.prompts_dir)
+    rows = images.to_pylist()
+    keywords = ", ".join(leaf.keywords)
+    params = gen.sampling.to_params()
+    if params.n != 1:
+        params = replace(params, n=1)  # one caption / one question set per image
+
+    captions: dict[str, _Caption] = {r["image_id"]: _Caption() for r in rows}
+    pending = {r["image_id"]: r for r in rows}
+    for attempt in range(stage.max_attempts):
+        if not pending:
+            break
+        requests = [
+            ChatRequest(
+                id=image_id,
+                model=gen.model,
+                messages=(
+                    Message.user(
+                        image_part(row),
+                        caption_prompt.render(class_path=class_path(leaf), keywords=keywords),
+                    ),
+                ),
+                params=retry_params(params, attempt),
+                prompt_version=caption_prompt.version,
+            )
+            for image_id, row in pending.items()
+        ]
+        for result in service.run([(provider, requests)], journal):
+            image_id = result.request.id
+            caption = captions[image_id]
+            text = result.samples[0].text.strip() if result.ok and result.samples else ""
+            if result.ok and text:
+                caption.text, caption.failure = text, None
+                pending.pop(image_id)
+            elif not result.ok:
+                assert result.failure is not None
+                caption.failure = (
+                    f"caption request failed ({result.failure.kind}): {result.failure.message}"
+                )
+                pending.pop(image_id)  # the provider already retried transport errors
+            else:
+                caption.failure = "empty caption"
+
+    questions: dict[str, dict[str, str]] = {}
+    failures: list[FailureRow] = []
+    attempts_used: dict[str, int] = {}
+    last_error: dict[str, str] = {}
+    pending = {r["image_id"]: r for r in rows if captions[r["image_id"]].text}
+    for attempt in range(stage.max_attempts):
+        if not pending:
+            break
+        requests = [
+            _questions_request(
+                questions_prompt,
+                leaf,
+                keywords,
+                row,
+                captions[image_id].text or "",
+                gen.model,
+                params,
+                attempt,
+            )
+            for image_id, row in pending.items()
+        ]
+        for result in service.run([(provider, requests)], journal):
+            image_id = result.request.id
+            attempts_used[image_id] = attempt + 1
+            if not result.ok:
+                assert result.failure is not None
+                last_error[image_id] = (
+                    f"questions request failed ({result.failure.kind}): {result.failure.message}"
+                )
+                pending.pop(image_id)
+                continue
+            try:
+                questions[image_id] = parse_questions(result.samples[0].text, stage.types)
+                pending.pop(image_id)
+            except UnparseableQuestions as exc:
+                last_error[image_id] = f"unparseable questions: {exc}"
+
+    out_rows: list[dict[str, Any]] = []
+    for row in rows:
+        image_id = row["image_id"]
+        caption = captions[image_id]
+        if image_id in questions:
+            for qtype, text in questions[image_id].items():
+                out_rows.append(
+                    _question_row(
+                        row, qtype, text, caption.text or "", gen.name, questions_prompt.version
+                    )
+                )
+            continue
+        reason = caption.failure if caption.text is None else last_error.get(image_id, "no answer")
+        kind = (
+            "caption"
+            if caption.text is None
+            else ("unparseable" if reason and reason.startswith("unparseable") else "request")
+        )
+        for qtype in stage.types:
+            failures.append(
+                FailureRow(
+                    f"{image_id}:{qtype}", kind, reason or "unknown", attempts_used.get(image_id, 0)
+                )
+            )
+
+    return StageOutput(
+        stage="questions",
+        branch_id=leaf.branch_id,
+        unit="question slots",
+        n_in=len(rows) * len(stage.types),
+        rows=table(out_rows, QUESTIONS),
+        failures=tuple(failures),
+        extra={"images": len(rows)},
+    )
+
+
+def _questions_request(
+    prompt: Prompt,
+    leaf: Subcategory,
+    keywords: str,
+    row: Mapping[str, Any],
+    caption: str,
+    model: str,
+    params: Any,
+    attempt: int,
+) -> ChatRequest:
+    text = prompt.render(class_path=class_path(leaf), keywords=keywords, caption=caption)
+    return ChatRequest(
+        id=row["image_id"],
+        model=model,
+        messages=(Message.user(image_part(row), text),),
+        params=retry_params(params, attempt),
+        prompt_version=prompt.version,
+    )
+
+
+def _question_row(
+    image: Mapping[str, Any], qtype: str, text: str, caption: str, generator: str, prompt_hash: str
+) -> dict[str, Any]:
+    return {
+        "question_id": stable_id(image["image_id"], qtype, text),
+        "image_id": image["image_id"],
+        "type": qtype,
+        "text": text,
+        "caption": caption,
+        "branch_id": image["branch_id"],
+        "class1": image["class1"],
+        "class2": image["class2"],
+        "class3": image["class3"],
+        "generator": generator,
+        "prompt_hash": prompt_hash,
+    }
+
+
+__all__ = ["ChatResult", "generate_questions", "parse_questions"]

@@ -1,0 +1,114 @@
+"""Responses stage: every configured response model answers every question, `n` samples each.
+
+The request is the question rendered through `prompts/response.txt` with the image attached. A
+refusal or a content-filter stop is a response like any other. A request that fails after the
+provider's retries makes each of its samples a failure with the reason.
+
+Accounting unit: response samples (questions x models x n). in = out + failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+
+from tasks.common import image_part, provider_for
+from vlpref.chat import ChatRequest, Message
+from vlpref.config import ModelEntry, RunConfig
+from vlpref.journal import Journal
+from vlpref.prompts import load_prompt
+from vlpref.records import RESPONSES, stable_id, table
+from vlpref.runner import BatchStats
+from vlpref.service import ModelService
+from vlpref.stage import FailureRow, StageOutput
+
+
+def response_id(question_id: str, model_name: str, sample_idx: int) -> str:
+    return stable_id(question_id, model_name, sample_idx)
+
+
+def collect_responses(
+    branch_id: str,
+    questions: pa.Table,
+    images: pa.Table,
+    config: RunConfig,
+    journal: Journal | None,
+    service: ModelService | None = None,
+) -> StageOutput:
+    service = service or ModelService.shared()
+    prompt = load_prompt("response", config.prompts_dir)
+    image_rows = {r["image_id"]: r for r in images.to_pylist()}
+    question_rows = questions.to_pylist()
+    by_request: dict[str, tuple[Mapping[str, Any], ModelEntry]] = {}
+    batches = []
+    for entry in config.models:
+        params = entry.sampling.to_params()
+        requests = []
+        for q in question_rows:
+            request_id = f"{entry.name}\x1f{q['question_id']}"
+            by_request[request_id] = (q, entry)
+            requests.append(
+                ChatRequest(
+                    id=request_id,
+                    model=entry.model,
+                    messages=(
+                        Message.user(
+                            image_part(image_rows[q["image_id"]]), prompt.render(question=q["text"])
+                        ),
+                    ),
+                    params=params,
+                    prompt_version=prompt.version,
+                )
+            )
+        batches.append((provider_for(config, entry, service), requests))
+
+    rows: list[dict[str, Any]] = []
+    failures: list[FailureRow] = []
+    stats = BatchStats()
+    n_in = sum(len(question_rows) * m.sampling.n for m in config.models)
+    for result in service.run(batches, journal, stats):
+        question, entry = by_request[result.request.id]
+        n = result.request.params.n
+        got = {s.index: s for s in result.samples}
+        for idx in range(n):
+            rid = response_id(question["question_id"], entry.name, idx)
+            sample = got.get(idx)
+            if sample is None:
+                failure = result.failure
+                reason = f"{failure.kind}: {failure.message}" if failure else "no sample returned"
+                failures.append(
+                    FailureRow(
+                        rid,
+                        failure.kind if failure else "missing",
+                        reason,
+                        failure.attempts if failure else 1,
+                    )
+                )
+                continue
+            rows.append(
+                {
+                    "response_id": rid,
+                    "question_id": question["question_id"],
+                    "model": entry.name,
+                    "sample_idx": idx,
+                    "text": sample.text,
+                    "finish_reason": sample.finish_reason,
+                    "prompt_tokens": result.usage.prompt_tokens,
+                    "completion_tokens": result.usage.completion_tokens,
+                    "latency_s": result.latency_s,
+                    "cached": result.cached,
+                    "branch_id": branch_id,
+                }
+            )
+    rows.sort(key=lambda r: (r["question_id"], r["model"], r["sample_idx"]))
+    return StageOutput(
+        stage="responses",
+        branch_id=branch_id,
+        unit="response samples",
+        n_in=n_in,
+        rows=table(rows, RESPONSES),
+        failures=tuple(failures),
+        extra={"requests_sent": stats.sent, "requests_cached": stats.cached},
+    )

@@ -1,0 +1,88 @@
+"""Prompt templates as files. Each template's hash is its version and enters the request key, so
+editing a template reruns exactly the requests rendered from it.
+
+Templates use `$name` placeholders (`string.Template`), which leaves JSON braces in the text
+alone. Rendering with a missing or an unexpected field is an error naming the template file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from vlpref.errors import ConfigError
+
+# The templates shipped with vlpref: the repository's top-level prompts/ folder.
+DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+PROMPT_NAMES = (
+    "caption",
+    "questions",
+    "response",
+    "judge_safety",
+    "judge_rating",
+    "judge_pairwise",
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    file: str
+    text: str
+
+    @property
+    def version(self) -> str:
+        """The template's content hash (name included: two templates never share a version)."""
+        return hashlib.sha256(f"{self.name}\n{self.text}".encode()).hexdigest()[:16]
+
+    @property
+    def fields(self) -> frozenset[str]:
+        template = string.Template(self.text)
+        return frozenset(
+            m.group("named") or m.group("braced")
+            for m in template.pattern.finditer(self.text)
+            if m.group("named") or m.group("braced")
+        )
+
+    def render(self, **values: str) -> str:
+        missing = self.fields - set(values)
+        extra = set(values) - self.fields
+        if missing or extra:
+            raise ConfigError(
+                f"template fields do not match: missing {sorted(missing)}, "
+                f"unexpected {sorted(extra)}",
+                file=self.file,
+            )
+        return string.Template(self.text).substitute(values)
+
+
+@cache
+def _load(path: str, mtime_ns: int) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def load_prompt(name: str, prompts_dir: str | Path | None = None) -> Prompt:
+    """Read `<prompts_dir>/<name>.txt` (the shipped templates by default)."""
+    folder = Path(prompts_dir) if prompts_dir else DEFAULT_PROMPTS_DIR
+    path = folder / f"{name}.txt"
+    try:
+        text = _load(str(path), path.stat().st_mtime_ns)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read prompt template: {exc.strerror or exc}", file=str(path)
+        ) from exc
+    prompt = Prompt(name, str(path), text)
+    try:
+        string.Template(text).substitute({f: "" for f in prompt.fields})
+    except ValueError as exc:
+        raise ConfigError(f"invalid template: {exc}", file=str(path)) from exc
+    return prompt
+
+
+def prompt_versions(prompts_dir: str | Path | None = None) -> dict[str, str]:
+    """name -> version of every template a run uses (for manifests)."""
+    return {name: load_prompt(name, prompts_dir).version for name in PROMPT_NAMES}
