@@ -45,7 +45,7 @@ def parse_questions(text: str, types: tuple[str, ...]) -> dict[str, str]:
         raise UnparseableQuestions(f"no JSON object in the answer: {text[:80]!r}")
     try:
         data = json.loads(match.group(0))
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise UnparseableQuestions(f"invalid JSON ({exc.msg}): {text[:80]!r}") from exc
     if not isinstance(data, dict):
         raise UnparseableQuestions("the JSON is not an object")

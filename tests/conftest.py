@@ -23,3 +23,15 @@ def sim_server() -> Iterator[SimServerFactory]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real `prefect server start` (SQLite, loopback) for the whole test session; every flow
+    run in the session goes to it. Cheaper than an ephemeral server per process (7-18 s each) and
+    the same thing a scheduled deployment talks to."""
+    from vlpref.prefect_server import PrefectServer
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with PrefectServer(home) as server, server.as_current():
+        yield server.api_url

@@ -54,6 +54,56 @@ def sim_server(
     asyncio.run(serve(sim_config, host, port))
 
 
+@app.command("run")
+def run(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="taxonomy path prefix to build (repeatable)"),
+    ] = None,
+) -> None:
+    """Build a new dataset version (one Prefect flow run)."""
+    import time
+
+    from vlpref.config import load_config
+    from vlpref.report import print_summary
+    from vlpref.taxonomy import load_taxonomy
+
+    cfg = load_config(config)  # fail on a bad config before Prefect starts
+    selected = only or (list(cfg.only) or None)
+    leaves = load_taxonomy(cfg.taxonomy).select(selected)
+    started = time.perf_counter()
+    version_id = _run_with_progress(str(config), only or None, len(leaves))
+    print_summary(str(config), version_id, time.perf_counter() - started, console=Console())
+
+
+def _run_with_progress(config: str, only: list[str] | None, branches: int) -> str:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows import progress
+    from flows.build import STAGES, build_dataset
+
+    with Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bars:
+        ids = {stage: bars.add_task(stage, total=branches) for stage in STAGES}
+
+        def advance(stage: str, branch_id: str, counts: dict[str, object]) -> None:
+            if stage in ids:
+                bars.advance(ids[stage])
+
+        unsubscribe = progress.subscribe(advance)
+        try:
+            return build_dataset(config, only)
+        finally:
+            unsubscribe()
+
+
 @app.command("check")
 def check(config: Annotated[Path, typer.Argument(help="run config YAML")]) -> None:
     """Validate a run config (and its taxonomy) without running anything."""

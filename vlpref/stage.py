@@ -32,13 +32,13 @@ class StageOutput:
     n_in: int
     rows: pa.Table
     failures: tuple[FailureRow, ...] = ()
-    n_out: int | None = None  # defaults to the number of rows
+    n_out: int = -1  # -1: the number of rows
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific counters
 
     def __post_init__(self) -> None:
-        if self.n_out is None:
+        if self.n_out < 0:
             object.__setattr__(self, "n_out", self.rows.num_rows)
-        if self.n_in != (self.n_out or 0) + len(self.failures):
+        if self.n_in != self.n_out + len(self.failures):
             raise AssertionError(
                 f"{self.stage}/{self.branch_id}: accounting broken: {self.n_in} {self.unit} in, "
                 f"{self.n_out} out, {len(self.failures)} failed"

@@ -1,0 +1,276 @@
+"""The dataset build flow: one Prefect task per (stage, branch), branches concurrent.
+
+    build_dataset(config="runs/nightly.yaml", only=["Malicious Use/Security threats"])
+
+Orchestration only. Each task finds its stage output in the workspace by the hash of its inputs
+and reuses it, or runs the stage (whose model requests go through the request journal) and writes
+it. Prefect sees a few tasks per branch, never a single model request; Prefect's own caching is
+off (our keys are exact and cheaper). Whole-task failures are retried by Prefect once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, wait
+
+from flows import progress
+from vlpref.config import RunConfig, load_config
+from vlpref.taxonomy import Subcategory, load_taxonomy
+from vlpref.workspace import StageRef, Workspace, stage_key
+
+TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 1, "retry_delay_seconds": 2}
+
+
+def _entry(config: RunConfig, name: str) -> dict[str, Any]:
+    """A model entry as it enters stage keys: with its endpoint's kind and cache namespace (what
+    decides the answers), never the endpoint's URL or credentials."""
+    entries = {m.name: m for m in (*config.models, config.generator, *config.judges)}
+    entry = entries[name]
+    endpoint = config.endpoints[entry.endpoint]
+    return {
+        **entry.model_dump(mode="json", exclude={"endpoint"}),
+        "kind": endpoint.get("kind", "openai"),
+        "cache_namespace": endpoint.get("cache_namespace", ""),
+    }
+
+
+def _file_fingerprint(path: Path) -> list[Any]:
+    if path.is_file():
+        stat = path.stat()
+        return [str(path), stat.st_size, stat.st_mtime_ns]
+    if path.is_dir():
+        return [_file_fingerprint(p) for p in sorted(path.rglob("*")) if p.is_file()]
+    return [str(path), "missing"]
+
+
+def images_key(config: RunConfig, leaf: Subcategory) -> str:
+    stage = config.stages.images
+    base = _base_dir(config)
+    sources = [stage.source, *stage.overrides.values()]
+    local = [_file_fingerprint(base / s.path) for s in sources if hasattr(s, "path")]
+    return stage_key(
+        "images", leaf.path, leaf.keywords, leaf.key_phrase, stage.model_dump(mode="json"), local
+    )
+
+
+def _base_dir(config: RunConfig) -> Path:
+    return Path(config.source_file).resolve().parent if config.source_file else Path.cwd()
+
+
+def _prompts(config: RunConfig, *names: str) -> dict[str, str]:
+    from vlpref.prompts import load_prompt
+
+    return {n: load_prompt(n, config.prompts_dir).version for n in names}
+
+
+def _reuse_or_run(workspace: Workspace, stage: str, branch_id: str, key: str) -> StageRef | None:
+    found = workspace.find(stage, branch_id, key)
+    if found is not None:
+        get_run_logger().info("%s/%s: reusing output %s", stage, branch_id, key)
+        progress.notify(stage, branch_id, found.counts)
+    return found
+
+
+def _done(ref: StageRef) -> StageRef:
+    get_run_logger().info("%s/%s: %s", ref.stage, ref.branch_id, ref.counts)
+    progress.notify(ref.stage, ref.branch_id, ref.counts)
+    return ref
+
+
+@task(name="images", **TASK_OPTIONS)
+def images_task(config: RunConfig, leaf: Subcategory) -> StageRef:
+    from tasks.images import collect_images
+
+    workspace = Workspace(config.workspace)
+    key = images_key(config, leaf)
+    if found := _reuse_or_run(workspace, "images", leaf.branch_id, key):
+        return found
+    output = collect_images(leaf, config.stages.images, base_dir=_base_dir(config))
+    return _done(workspace.write(output, key, {"images": output.rows}))
+
+
+@task(name="questions", **TASK_OPTIONS)
+def questions_task(config: RunConfig, leaf: Subcategory, images: StageRef) -> StageRef:
+    from tasks.questions import generate_questions
+
+    workspace = Workspace(config.workspace)
+    key = stage_key(
+        "questions",
+        images.key,
+        _entry(config, config.generator.name),
+        config.stages.questions.model_dump(mode="json"),
+        _prompts(config, "caption", "questions"),
+    )
+    if found := _reuse_or_run(workspace, "questions", leaf.branch_id, key):
+        return found
+    journal = workspace.journal("questions", leaf.branch_id)
+    try:
+        output = generate_questions(leaf, workspace.read(images, "images"), config, journal)
+    finally:
+        journal.close()
+    return _done(workspace.write(output, key, {"questions": output.rows}))
+
+
+@task(name="responses", **TASK_OPTIONS)
+def responses_task(
+    config: RunConfig, leaf: Subcategory, images: StageRef, questions: StageRef
+) -> StageRef:
+    from tasks.responses import collect_responses
+
+    workspace = Workspace(config.workspace)
+    key = stage_key(
+        "responses",
+        questions.key,
+        [_entry(config, m.name) for m in config.models],
+        _prompts(config, "response"),
+    )
+    if found := _reuse_or_run(workspace, "responses", leaf.branch_id, key):
+        return found
+    journal = workspace.journal("responses", leaf.branch_id)
+    try:
+        output = collect_responses(
+            leaf.branch_id,
+            workspace.read(questions, "questions"),
+            workspace.read(images, "images"),
+            config,
+            journal,
+        )
+    finally:
+        journal.close()
+    return _done(workspace.write(output, key, {"responses": output.rows}))
+
+
+@task(name="judge", **TASK_OPTIONS)
+def judge_task(
+    config: RunConfig, leaf: Subcategory, images: StageRef, questions: StageRef, responses: StageRef
+) -> StageRef:
+    from tasks.judge import judge_responses
+
+    workspace = Workspace(config.workspace)
+    key = stage_key(
+        "judge",
+        responses.key,
+        [_entry(config, j.name) for j in config.judges],
+        config.stages.judge.model_dump(mode="json"),
+        config.stages.pairs.model_dump(mode="json"),  # candidate pairs follow the policy
+        _prompts(config, "judge_safety", "judge_rating", "judge_pairwise"),
+    )
+    if found := _reuse_or_run(workspace, "judge", leaf.branch_id, key):
+        return found
+    journal = workspace.journal("judge", leaf.branch_id)
+    try:
+        output = judge_responses(
+            leaf.branch_id,
+            workspace.read(questions, "questions"),
+            workspace.read(responses, "responses"),
+            workspace.read(images, "images"),
+            config,
+            journal,
+        )
+    finally:
+        journal.close()
+    return _done(workspace.write(output, key, {"judgments": output.rows}))
+
+
+@task(name="pairs", **TASK_OPTIONS)
+def pairs_task(
+    config: RunConfig, leaf: Subcategory, questions: StageRef, responses: StageRef, judge: StageRef
+) -> StageRef:
+    from tasks.pairs import select_branch_pairs
+
+    workspace = Workspace(config.workspace)
+    key = stage_key("pairs", judge.key, config.stages.pairs.model_dump(mode="json"))
+    if found := _reuse_or_run(workspace, "pairs", leaf.branch_id, key):
+        return found
+    output, rankings = select_branch_pairs(
+        leaf.branch_id,
+        workspace.read(questions, "questions"),
+        workspace.read(responses, "responses"),
+        workspace.read(judge, "judgments"),
+        config,
+    )
+    return _done(workspace.write(output, key, {"pairs": output.rows, "rankings": rankings}))
+
+
+def submit_branch(config: RunConfig, leaf: Subcategory) -> dict[str, PrefectFuture[StageRef]]:
+    """Submit one branch's chain of stage tasks; futures carry the dependencies (Prefect hands
+    each task the result of the futures it is given)."""
+
+    def after(future: PrefectFuture[StageRef]) -> StageRef:
+        return cast(StageRef, future)
+
+    b = leaf.branch_id
+    images = images_task.with_options(name=f"images/{b}").submit(config, leaf)
+    questions = questions_task.with_options(name=f"questions/{b}").submit(
+        config, leaf, after(images)
+    )
+    responses = responses_task.with_options(name=f"responses/{b}").submit(
+        config, leaf, after(images), after(questions)
+    )
+    judge = judge_task.with_options(name=f"judge/{b}").submit(
+        config, leaf, after(images), after(questions), after(responses)
+    )
+    pairs = pairs_task.with_options(name=f"pairs/{b}").submit(
+        config, leaf, after(questions), after(responses), after(judge)
+    )
+    return {
+        "images": images,
+        "questions": questions,
+        "responses": responses,
+        "judge": judge,
+        "pairs": pairs,
+    }
+
+
+STAGES = ("images", "questions", "responses", "judge", "pairs")
+
+
+@flow(name="build-dataset", log_prints=True)
+def build_dataset(config: str, only: list[str] | None = None) -> str:
+    """Build one dataset version from the run config at `config` (a path); `only` limits the run
+    to taxonomy path prefixes. Returns the new version's id."""
+    from flows.publish import publish_version
+
+    run_config = load_config(config)
+    taxonomy = load_taxonomy(run_config.taxonomy)
+    selected = only if only is not None else (list(run_config.only) or None)
+    leaves = taxonomy.select(selected)
+    branches = {leaf.branch_id: submit_branch(run_config, leaf) for leaf in leaves}
+    wait([f for futures in branches.values() for f in futures.values()])
+    refs: dict[str, dict[str, StageRef]] = {}
+    failed: list[str] = []
+    for branch_id, futures in branches.items():
+        try:
+            refs[branch_id] = {stage: futures[stage].result() for stage in STAGES}
+        except Exception as exc:  # reported below; the flow fails after the artifact is written
+            failed.append(f"{branch_id}: {type(exc).__name__}: {exc}")
+    _report(leaves, refs, failed)
+    if failed:
+        raise RuntimeError(f"{len(failed)} branch(es) failed: " + "; ".join(failed))
+    return publish_version(run_config, taxonomy, leaves, refs)
+
+
+def _report(
+    leaves: list[Subcategory], refs: dict[str, dict[str, StageRef]], failed: list[str]
+) -> None:
+    rows = []
+    for leaf in leaves:
+        stage_refs = refs.get(leaf.branch_id)
+        if stage_refs is None:
+            continue
+        row: dict[str, Any] = {"branch": leaf.path}
+        for stage in STAGES:
+            counts = stage_refs[stage].counts
+            row[stage] = f"{counts.get('out')}/{counts.get('in')} ({counts.get('failed')} failed)"
+        rows.append(row)
+    create_table_artifact(
+        key="vlpref-branch-counts", table=rows, description="out/in per stage and branch"
+    )
+    lines = ["# vlpref build", "", f"{len(refs)} branch(es) built, {len(failed)} failed.", ""]
+    lines += [f"- failed: {f}" for f in failed]
+    create_markdown_artifact(key="vlpref-build", markdown="\n".join(lines))

@@ -1,0 +1,675 @@
+"""The dataset store: immutable dataset versions on any fsspec filesystem.
+
+Layout under the store location:
+
+    LATEST                          the id of the newest published version (one line)
+    .lock                           present while a publish commits (owner info, JSON)
+    .staging/<stamp>-<random>/      a version being written; never read
+    versions/<version_id>/
+        tables/{images,questions,responses,judgments,pairs,rankings,failures}.parquet
+        data/<split>.parquet        SPA-VL quadruples, one file per split
+        manifest.json               what produced the version; files with size and sha256
+        README.md                   the dataset card
+        _COMPLETE                   the visibility marker (JSON: id, parent, manifest sha256)
+
+`version_id` is `<UTC yyyymmddTHHMMSS.ffffffZ>-<8 hex of the content hash>`: sorting ids sorts
+versions by creation time.
+
+Visibility: **a version exists only when its `_COMPLETE` marker exists.** Readers
+(`list_versions`, `latest`, `open`) ignore everything else. On the local filesystem the version is
+written completely (marker included) under `.staging/` and then renamed into `versions/` with one
+atomic `os.rename`. On object stores, where a rename is a copy, the files are copied into
+`versions/<id>/` and the marker is written last; a crash mid-copy leaves a folder without a
+marker, which stays invisible. A version folder that exists, complete or not, is never written
+again: publishing onto it is a StoreError.
+
+Lock: committing (the existence check, the rename or copy, and moving LATEST) happens under
+`<store>/.lock`, created with an exclusive create (`O_EXCL` locally, a conditional put on object
+stores that support it). Writing the staged files takes no lock, so concurrent runs only queue
+for the short commit. A publish that finds the lock held polls until `lock_timeout_s` passes, then
+fails with a StoreError naming the holder (user, host, pid, since when, what for). A lock older
+than `stale_lock_s`, or held by a process of this host that no longer runs, is stale and removed
+(with a warning); on object stores the commit includes the copy, so `stale_lock_s` must exceed
+the longest copy. Exclusivity is as strong as the backend's exclusive create (fsspec mode "xb").
+LATEST moves only after the version is complete, and never backwards: it is
+set to the new id unless it already names a newer one (two concurrent publishes finish in any
+order, LATEST ends at the newest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+import secrets
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import IO, Any, Final
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vlpref.config import SECRET_FIELDS
+from vlpref.errors import StoreError
+from vlpref.fs import AbstractFileSystem, is_local, join, resolve
+from vlpref.records import SCHEMAS
+
+__all__ = [
+    "COMPLETE",
+    "TABLES",
+    "Store",
+    "StoreLock",
+    "Version",
+    "VersionInfo",
+    "find_secret",
+]
+
+log = logging.getLogger(__name__)
+
+TABLES: Final = tuple(SCHEMAS)
+COMPLETE: Final = "_COMPLETE"
+LATEST: Final = "LATEST"
+LOCK: Final = ".lock"
+STAGING: Final = ".staging"
+VERSIONS: Final = "versions"
+LAYOUT: Final = 1
+STORE_KEYS: Final = ("layout", "version_id", "created_at", "parent", "files", "splits")
+
+_VERSION_ID = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
+_SPLIT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_SECRET_VALUE = re.compile(
+    r"^(sk-|Bearer\s|hf_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_|AKIA[0-9A-Z]{16}|xox[abpr]-)"
+)
+_SECRET_KEYS: Final = SECRET_FIELDS | {"secret_key", "access_token", "auth_token", "private_key"}
+# Row groups of about this many bytes: image tables stay readable a slice at a time.
+_ROW_GROUP_BYTES: Final = 32 * 1024 * 1024
+_READ_CHUNK: Final = 8 * 1024 * 1024
+
+CardSource = str | Callable[[Mapping[str, Any]], str]
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A complete version: its id, creation time (ISO, UTC), parent id and full location."""
+
+    version_id: str
+    created_at: str
+    parent: str | None
+    location: str
+
+
+# --- secrets ------------------------------------------------------------------------------------
+
+
+def find_secret(data: Any, where: str = "manifest") -> str | None:
+    """The path of the first thing in `data` that looks like a secret, or None.
+
+    A key named like a credential (api_key, token, password, secret, ...) counts whatever its
+    value; so does a string value shaped like a known key format (`sk-...`, `hf_...`, ...).
+    """
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            path = f"{where}.{key}"
+            if isinstance(key, str) and key.lower() in _SECRET_KEYS:
+                return path
+            found = find_secret(value, path)
+            if found:
+                return found
+    elif isinstance(data, list | tuple):
+        for index, value in enumerate(data):
+            found = find_secret(value, f"{where}[{index}]")
+            if found:
+                return found
+    elif isinstance(data, str) and _SECRET_VALUE.match(data):
+        return where
+    return None
+
+
+# --- writing files ------------------------------------------------------------------------------
+
+
+class _HashingWriter:
+    """A write-only file wrapper that counts and hashes what passes through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        self._sha.update(view)
+        self.size += view.nbytes
+        self._raw.write(view)
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def close(self) -> None:
+        """The owner of the raw file closes it."""
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._raw.closed)
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def entry(self) -> dict[str, Any]:
+        return {"size": self.size, "sha256": self._sha.hexdigest()}
+
+
+def _row_group_rows(tbl: pa.Table) -> int | None:
+    if tbl.num_rows == 0:
+        return None
+    per_row = max(1, tbl.nbytes // tbl.num_rows)
+    return int(max(1, min(100_000, _ROW_GROUP_BYTES // per_row)))
+
+
+def _write_parquet(fs: AbstractFileSystem, path: str, tbl: pa.Table) -> dict[str, Any]:
+    with fs.open(path, "wb") as raw:
+        writer = _HashingWriter(raw)
+        pq.write_table(tbl, writer, row_group_size=_row_group_rows(tbl))
+    return writer.entry()
+
+
+def _write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> dict[str, Any]:
+    with fs.open(path, "wb") as raw:
+        raw.write(data)
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _conform(name: str, tbl: pa.Table) -> pa.Table:
+    """`tbl` with exactly the schema of table `name`: same columns, types cast where safe."""
+    schema = SCHEMAS[name]
+    if set(tbl.column_names) != set(schema.names):
+        extra = sorted(set(tbl.column_names) - set(schema.names))
+        missing = sorted(set(schema.names) - set(tbl.column_names))
+        raise StoreError(
+            f"table {name!r} does not match its schema: extra {extra}, missing {missing}"
+        )
+    try:
+        return tbl.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise StoreError(f"table {name!r} cannot be cast to its schema: {exc}") from None
+
+
+def _split_counts(tbl: pa.Table) -> dict[str, Any]:
+    counts: dict[str, Any] = {"rows": tbl.num_rows}
+    for key, column in (("images", "image_id"), ("questions", "question_id")):
+        if column in tbl.column_names:
+            counts[key] = len(pc.unique(tbl[column]))
+    if {"class1", "class2"} <= set(tbl.column_names):
+        pairs = zip(tbl["class1"].to_pylist(), tbl["class2"].to_pylist(), strict=True)
+        counts["categories"] = dict(sorted(Counter(f"{a} / {b}" for a, b in pairs).items()))
+    if "question_type" in tbl.column_names:
+        counts["question_types"] = dict(sorted(Counter(tbl["question_type"].to_pylist()).items()))
+    return counts
+
+
+def _finite(data: Any) -> Any:
+    """`data` with NaN and infinities as None: strict JSON readers refuse them."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, Mapping):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    return data
+
+
+def _json_bytes(data: Mapping[str, Any]) -> bytes:
+    try:
+        return json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False).encode() + b"\n"
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"the manifest is not plain JSON: {exc}") from None
+
+
+# --- the lock -----------------------------------------------------------------------------------
+
+
+def _describe_holder(holder: Mapping[str, Any] | None) -> str:
+    if holder is None:
+        return "an unknown holder (the lock file is empty or unreadable)"
+    return (
+        f"{holder.get('user')}@{holder.get('host')} pid {holder.get('pid')} "
+        f"since {holder.get('acquired_at')} ({holder.get('purpose')})"
+    )
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry
+        return f"uid {os.getuid()}"
+
+
+def _pid_gone(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class StoreLock:
+    """The store's commit lock: an exclusively created file holding its owner (see the module)."""
+
+    def __init__(
+        self,
+        fs: AbstractFileSystem,
+        path: str,
+        *,
+        purpose: str,
+        timeout_s: float,
+        stale_after_s: float,
+        poll_s: float = 0.1,
+    ) -> None:
+        self.fs = fs
+        self.path = path
+        self.purpose = purpose
+        self.timeout_s = timeout_s
+        self.stale_after_s = stale_after_s
+        self.poll_s = poll_s
+        self.token = secrets.token_hex(8)
+
+    def _record(self) -> bytes:
+        now = time.time()
+        record = {
+            "user": _user(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "purpose": self.purpose,
+            "acquired_at": datetime.fromtimestamp(now, UTC).isoformat(),
+            "acquired_ts": now,
+            "token": self.token,
+        }
+        return json.dumps(record).encode()
+
+    def holder(self) -> dict[str, Any] | None:
+        """The current holder's record; None if there is no lock or it cannot be read."""
+        try:
+            data = json.loads(self.fs.cat_file(self.path))
+        except (FileNotFoundError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _age_s(self, holder: Mapping[str, Any] | None) -> float | None:
+        if holder is not None and isinstance(holder.get("acquired_ts"), int | float):
+            return time.time() - float(holder["acquired_ts"])
+        try:  # an unreadable lock: judge by the file's own time where the backend has one
+            modified = self.fs.modified(self.path)
+        except (FileNotFoundError, NotImplementedError, OSError):
+            return None
+        return time.time() - float(modified.timestamp())
+
+    def _stale(self, holder: Mapping[str, Any] | None) -> bool:
+        age = self._age_s(holder)
+        if age is not None and age > self.stale_after_s:
+            return True
+        # A lock left by a killed process on this very host need not wait for the timeout.
+        same_host = holder is not None and holder.get("host") == socket.gethostname()
+        return same_host and holder is not None and _pid_gone(holder.get("pid"))
+
+    def _break(self, holder: Mapping[str, Any] | None) -> None:
+        # Remove only the lock we judged stale, not one a third party took meanwhile.
+        if self.holder() == holder:
+            log.warning("removing a stale store lock held by %s", _describe_holder(holder))
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path)
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                with self.fs.open(self.path, "xb") as f:
+                    f.write(self._record())
+                return
+            except FileExistsError:
+                pass
+            holder = self.holder()
+            if holder is None and not self.fs.exists(self.path):
+                continue  # released between our attempt and our look: try again at once
+            if self._stale(holder):
+                self._break(holder)
+                continue
+            if time.monotonic() >= deadline:
+                raise StoreError(
+                    f"the store is locked by {_describe_holder(holder)}; waited "
+                    f"{self.timeout_s:g} s. If that process is gone, delete {self.path} (it is "
+                    f"also broken automatically once older than {self.stale_after_s:g} s)."
+                )
+            time.sleep(self.poll_s)
+
+    def release(self) -> None:
+        holder = self.holder()
+        if holder is None or holder.get("token") != self.token:
+            log.warning("store lock %s was taken over while held; leaving it", self.path)
+            return
+        self.fs.rm_file(self.path)
+
+    def __enter__(self) -> StoreLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+class Version:
+    """One complete version: its manifest, tables, splits and file locations."""
+
+    def __init__(self, store: Store, info: VersionInfo) -> None:
+        self.store = store
+        self.info = info
+        self.version_id = info.version_id
+        self._dir = store._version_dir(info.version_id)
+
+    def __repr__(self) -> str:
+        return f"Version({self.info.location!r})"
+
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.store.fs.cat_file(join(self._dir, "manifest.json")))
+        return data
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest.get("splits", {}))
+
+    def path(self, rel: str) -> str:
+        """The location of a file of this version, as a path or URI other tools can open."""
+        return self.store._location(join(self._dir, rel))
+
+    def _read(self, rel: str) -> pa.Table:
+        with self.store.fs.open(join(self._dir, rel), "rb") as f:
+            return pq.read_table(f)
+
+    def table(self, name: str) -> pa.Table:
+        if name not in TABLES:
+            raise StoreError(f"unknown table {name!r} (tables: {', '.join(TABLES)})")
+        return self._read(f"tables/{name}.parquet")
+
+    def split(self, name: str) -> pa.Table:
+        if name not in self.splits:
+            raise StoreError(f"version {self.version_id} has no split {name!r} ({self.splits})")
+        return self._read(f"data/{name}.parquet")
+
+    def verify(self) -> None:
+        """Check every file against the manifest, and the manifest against the marker."""
+        fs = self.store.fs
+        marker = json.loads(fs.cat_file(join(self._dir, COMPLETE)))
+        raw = fs.cat_file(join(self._dir, "manifest.json"))
+        if hashlib.sha256(raw).hexdigest() != marker.get("manifest_sha256"):
+            raise StoreError(f"version {self.version_id}: manifest.json does not match its marker")
+        for rel, expected in self.manifest["files"].items():
+            sha, size = hashlib.sha256(), 0
+            with fs.open(join(self._dir, rel), "rb") as f:
+                while chunk := f.read(_READ_CHUNK):
+                    sha.update(chunk)
+                    size += len(chunk)
+            if size != expected["size"] or sha.hexdigest() != expected["sha256"]:
+                raise StoreError(f"version {self.version_id}: {rel} does not match the manifest")
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+class Store:
+    """Dataset versions under one location (a path or an fsspec URI)."""
+
+    def __init__(
+        self, location: str, *, lock_timeout_s: float = 60.0, stale_lock_s: float = 1800.0
+    ) -> None:
+        self.location = location
+        self.fs, self.root = resolve(location)
+        self.lock_timeout_s = lock_timeout_s
+        self.stale_lock_s = stale_lock_s
+
+    def __repr__(self) -> str:
+        return f"Store({self.location!r})"
+
+    def _location(self, path: str) -> str:
+        return path if is_local(self.fs) else str(self.fs.unstrip_protocol(path))
+
+    def _version_dir(self, version_id: str) -> str:
+        if not _VERSION_ID.match(version_id):
+            raise StoreError(f"not a version id: {version_id!r}")
+        return join(self.root, VERSIONS, version_id)
+
+    # reading
+
+    def _info(self, version_id: str) -> VersionInfo | None:
+        try:
+            marker = json.loads(self.fs.cat_file(join(self._version_dir(version_id), COMPLETE)))
+        except FileNotFoundError:
+            return None
+        return VersionInfo(
+            version_id=version_id,
+            created_at=str(marker.get("created_at")),
+            parent=marker.get("parent"),
+            location=self._location(self._version_dir(version_id)),
+        )
+
+    def list_versions(self) -> list[VersionInfo]:
+        """Complete versions, oldest first; folders without a `_COMPLETE` marker do not count."""
+        infos = []
+        for marker in self.fs.glob(join(self.root, VERSIONS, "*", COMPLETE)):
+            version_id = posixpath.basename(posixpath.dirname(marker))
+            info = self._info(version_id) if _VERSION_ID.match(version_id) else None
+            if info is not None:
+                infos.append(info)
+        return sorted(infos, key=lambda info: info.version_id)
+
+    def _read_latest(self) -> str | None:
+        try:
+            text = self.fs.cat_file(join(self.root, LATEST)).decode().strip()
+        except FileNotFoundError:
+            return None
+        return text or None
+
+    def latest(self) -> VersionInfo | None:
+        """The version LATEST names (the newest complete one if there is no LATEST yet)."""
+        version_id = self._read_latest()
+        if version_id is None:
+            versions = self.list_versions()
+            return versions[-1] if versions else None
+        info = self._info(version_id)
+        if info is None:
+            raise StoreError(f"LATEST names {version_id!r}, which is not a complete version")
+        return info
+
+    def open(self, version_id: str) -> Version:
+        info = self._info(version_id)
+        if info is None:
+            known = ", ".join(v.version_id for v in self.list_versions()) or "none"
+            raise StoreError(f"no complete version {version_id!r} in {self.location} ({known})")
+        return Version(self, info)
+
+    # writing
+
+    def lock(self, purpose: str = "publish", *, timeout_s: float | None = None) -> StoreLock:
+        """The store's commit lock, as a context manager."""
+        self.fs.makedirs(self.root, exist_ok=True)
+        return StoreLock(
+            self.fs,
+            join(self.root, LOCK),
+            purpose=purpose,
+            timeout_s=self.lock_timeout_s if timeout_s is None else timeout_s,
+            stale_after_s=self.stale_lock_s,
+        )
+
+    def publish(
+        self,
+        tables: Mapping[str, pa.Table],
+        quadruples: Mapping[str, pa.Table],
+        manifest: Mapping[str, Any],
+        card: CardSource,
+        *,
+        parent: str | None = None,
+    ) -> VersionInfo:
+        """Write a new immutable version and move LATEST to it.
+
+        `tables` maps names in `TABLES` to tables of their schema (a missing one is written
+        empty); `quadruples` maps split names to SPA-VL tables. The store adds `layout`,
+        `version_id`, `created_at`, `parent`, `files` and `splits` to `manifest` (a manifest that
+        sets them, or holds anything that looks like a secret, is refused; NaN and infinities
+        are written as null, which strict JSON readers accept). `card` is the README
+        text, or a function of the final manifest that returns it.
+        """
+        self._check_inputs(tables, quadruples, manifest, parent)
+        now = datetime.now(UTC)
+        stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
+        staging = join(self.root, STAGING, f"{stamp}-{secrets.token_hex(4)}")
+        try:
+            files = self._write_data(staging, tables, quadruples)
+            digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+            version_id = f"{stamp}-{digest[:8]}"
+            full: dict[str, Any] = {
+                **_finite(manifest),
+                "layout": LAYOUT,
+                "version_id": version_id,
+                "created_at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "parent": parent,
+                "splits": {name: _split_counts(tbl) for name, tbl in quadruples.items()},
+                "files": files,
+            }
+            marker = self._write_meta(staging, full, card)
+            with self.lock(f"publish {version_id}"):
+                self._commit(staging, version_id, marker)
+                self._move_latest(version_id)
+        except BaseException:
+            self._discard(staging)
+            raise
+        info = self._info(version_id)
+        assert info is not None
+        return info
+
+    def _check_inputs(
+        self,
+        tables: Mapping[str, pa.Table],
+        quadruples: Mapping[str, pa.Table],
+        manifest: Mapping[str, Any],
+        parent: str | None,
+    ) -> None:
+        secret = find_secret(manifest)
+        if secret:
+            raise StoreError(
+                f"refusing to publish: {secret} looks like a secret; manifests name where keys "
+                "come from (api_key_env), never the keys"
+            )
+        reserved = sorted(set(manifest) & set(STORE_KEYS))
+        if reserved:
+            raise StoreError(f"the store sets {reserved} itself; leave them out of the manifest")
+        unknown = sorted(set(tables) - set(TABLES))
+        if unknown:
+            raise StoreError(f"unknown tables {unknown} (tables: {', '.join(TABLES)})")
+        bad = [name for name in quadruples if not _SPLIT_NAME.match(name)]
+        if bad or not quadruples:
+            raise StoreError(f"split names must be identifiers, at least one: {bad or 'none'}")
+        if parent is not None and self._info(parent) is None:
+            raise StoreError(f"parent {parent!r} is not a complete version of {self.location}")
+
+    def _write_data(
+        self,
+        staging: str,
+        tables: Mapping[str, pa.Table],
+        quadruples: Mapping[str, pa.Table],
+    ) -> dict[str, Any]:
+        self.fs.makedirs(join(staging, "tables"), exist_ok=True)
+        self.fs.makedirs(join(staging, "data"), exist_ok=True)
+        files: dict[str, Any] = {}
+        for name in TABLES:
+            given = tables.get(name)
+            tbl = _conform(name, given) if given is not None else SCHEMAS[name].empty_table()
+            rel = f"tables/{name}.parquet"
+            files[rel] = _write_parquet(self.fs, join(staging, rel), tbl)
+        for split, tbl in quadruples.items():
+            rel = f"data/{split}.parquet"
+            files[rel] = _write_parquet(self.fs, join(staging, rel), tbl)
+        return files
+
+    def _write_meta(self, staging: str, manifest: dict[str, Any], card: CardSource) -> bytes:
+        """README.md and manifest.json; returns the marker (written into staging when local)."""
+        text = card(manifest) if callable(card) else card
+        manifest["files"]["README.md"] = _write_bytes(
+            self.fs, join(staging, "README.md"), text.encode()
+        )
+        raw = _json_bytes(manifest)
+        _write_bytes(self.fs, join(staging, "manifest.json"), raw)
+        marker = {
+            "version_id": manifest["version_id"],
+            "created_at": manifest["created_at"],
+            "parent": manifest["parent"],
+            "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+        }
+        data = _json_bytes(marker)
+        if is_local(self.fs):  # renamed together with the rest, so it appears atomically
+            _write_bytes(self.fs, join(staging, COMPLETE), data)
+        return data
+
+    def _commit(self, staging: str, version_id: str, marker: bytes) -> None:
+        final = self._version_dir(version_id)
+        if self.fs.exists(final):
+            raise StoreError(
+                f"version {version_id} already exists in {self.location}; versions are never "
+                "overwritten"
+            )
+        self.fs.makedirs(join(self.root, VERSIONS), exist_ok=True)
+        if is_local(self.fs):
+            os.rename(staging, final)
+            return
+        staged = self.fs._strip_protocol(staging)
+        for source in self.fs.find(staging):
+            self.fs.copy(source, join(final, posixpath.relpath(source, staged)))
+        _write_bytes(self.fs, join(final, COMPLETE), marker)  # last: now the version exists
+        self._discard(staging)
+
+    def _move_latest(self, version_id: str) -> None:
+        current = self._read_latest()
+        if current is not None and current > version_id:
+            return  # a concurrent publish that started later already committed
+        path = join(self.root, LATEST)
+        data = f"{version_id}\n".encode()
+        if is_local(self.fs):
+            temp = f"{path}.{secrets.token_hex(4)}.tmp"
+            _write_bytes(self.fs, temp, data)
+            os.replace(temp, path)
+        else:  # one small put: atomic on object stores
+            self.fs.pipe_file(path, data)
+
+    def _discard(self, staging: str) -> None:
+        try:
+            if self.fs.exists(staging):
+                self.fs.rm(staging, recursive=True)
+        except OSError as exc:  # leftovers under .staging/ are invisible; say so and go on
+            log.warning("could not remove staging folder %s: %s", staging, exc)
