@@ -74,7 +74,7 @@ def demo_config(base_url: str, root: Path) -> dict[str, Any]:
                 },
             }
         ],
-        "stages": {"images": {"source": {"kind": "typographic", "per_branch": 3}}},
+        "stages": {"images": {"source": {"kind": "typographic", "per_branch": 5}}},
     }
 
 
