@@ -20,6 +20,7 @@ from prefect.futures import PrefectFuture, wait
 
 from flows import progress
 from vlpref.config import RunConfig, load_config
+from vlpref.errors import ConfigError
 from vlpref.taxonomy import Subcategory, load_taxonomy
 from vlpref.workspace import StageRef, Workspace, stage_key
 
@@ -49,12 +50,25 @@ def _file_fingerprint(path: Path) -> list[Any]:
 
 
 def images_key(config: RunConfig, leaf: Subcategory) -> str:
+    """The images of a branch depend on its own source (the override that applies to it, or the
+    default) and the normalisation settings; not on other branches' overrides."""
+    from tasks.images import choose_source
+
     stage = config.stages.images
-    base = _base_dir(config)
-    sources = [stage.source, *stage.overrides.values()]
-    local = [_file_fingerprint(base / s.path) for s in sources if hasattr(s, "path")]
+    choice = choose_source(leaf, stage)
+    source = choice.source
+    settings = stage.model_dump(mode="json", exclude={"source", "overrides"})
+    path = getattr(source, "path", None)
+    local = _file_fingerprint(_base_dir(config) / path) if path else []
     return stage_key(
-        "images", leaf.path, leaf.keywords, leaf.key_phrase, stage.model_dump(mode="json"), local
+        "images",
+        leaf.path,
+        leaf.keywords,
+        leaf.key_phrase,
+        source.model_dump(mode="json"),
+        choice.exact,  # decides a folder source's layout
+        settings,
+        local,
     )
 
 
@@ -239,6 +253,8 @@ def build_dataset(config: str, only: list[str] | None = None) -> str:
     run_config = load_config(config)
     taxonomy = load_taxonomy(run_config.taxonomy)
     selected = only if only is not None else (list(run_config.only) or None)
+    if selected is not None and not selected:
+        raise ConfigError("`only` is empty: name at least one taxonomy path prefix to rebuild")
     leaves = taxonomy.select(selected)
     branches = {leaf.branch_id: submit_branch(run_config, leaf) for leaf in leaves}
     wait([f for futures in branches.values() for f in futures.values()])
@@ -252,7 +268,7 @@ def build_dataset(config: str, only: list[str] | None = None) -> str:
     _report(leaves, refs, failed)
     if failed:
         raise RuntimeError(f"{len(failed)} branch(es) failed: " + "; ".join(failed))
-    return publish_version(run_config, taxonomy, leaves, refs)
+    return publish_version(run_config, taxonomy, leaves, refs, only=selected)
 
 
 def _report(

@@ -1,23 +1,33 @@
-"""Publish: gather every branch's stage outputs into one immutable dataset version."""
+"""Publish: gather every branch's stage outputs into one immutable dataset version.
+
+A version is written branch by branch (see `vlpref.store`). A branch is
+
+- `built`: its files are written from this run's stage outputs;
+- `reused`: this run computed it, and its inputs are exactly those of the parent version's copy
+  (same pairs-stage key, same publish settings), so the parent's files are shared;
+- `shared`: not part of this run (`--only` named other branches), so the parent's files are
+  shared as they are.
+
+Shared files are hard links where the filesystem allows it, copies elsewhere.
+"""
 
 from __future__ import annotations
 
 import subprocess
-from collections import defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.publish import assign_splits, build_quadruples, dataset_card
+from tasks.publish import branch_parts, dataset_card
 from vlpref import __version__
-from vlpref.config import RunConfig
+from vlpref.config import ModelEntry, RunConfig
 from vlpref.prompts import prompt_versions
-from vlpref.records import SCHEMAS
-from vlpref.store import Store
+from vlpref.store import Part, SharedFile, Store, Version
 from vlpref.taxonomy import Subcategory, Taxonomy
-from vlpref.workspace import StageRef, Workspace
+from vlpref.workspace import StageRef, Workspace, stage_key
 
 # table name -> the stage whose output holds it
 TABLE_SOURCES = {
@@ -46,105 +56,78 @@ def code_version() -> str:
     return f"{__version__}+g{commit}"
 
 
-def gather_tables(
-    workspace: Workspace, refs: dict[str, dict[str, StageRef]]
-) -> dict[str, pa.Table]:
-    tables: dict[str, pa.Table] = {}
-    for name, stage in TABLE_SOURCES.items():
-        parts = [workspace.read(stage_refs[stage], name) for stage_refs in refs.values()]
-        tables[name] = pa.concat_tables(parts) if parts else SCHEMAS[name].empty_table()
-    failures = [
-        workspace.read(ref, "failures")
-        for stage_refs in refs.values()
-        for ref in stage_refs.values()
-    ]
-    tables["failures"] = (
-        pa.concat_tables(failures) if failures else SCHEMAS["failures"].empty_table()
+def branch_tables(workspace: Workspace, refs: dict[str, StageRef]) -> dict[str, pa.Table]:
+    """One branch's tables, failures of every stage included."""
+    tables = {name: workspace.read(refs[stage], name) for name, stage in TABLE_SOURCES.items()}
+    tables["failures"] = pa.concat_tables(
+        [workspace.read(ref, "failures") for ref in refs.values()]
     )
-    # One image may serve two branches (a folder source listing it twice): publish it once.
-    images = tables["images"]
-    if images.num_rows:
-        ids = images.column("image_id").to_pylist()
-        first = {image_id: i for i, image_id in reversed(list(enumerate(ids)))}
-        keep = sorted(first.values())
-        if len(keep) != len(ids):
-            tables["images"] = images.take(pa.array(keep))
     return tables
 
 
-def model_safety(tables: dict[str, pa.Table]) -> dict[str, dict[str, float]]:
-    """Per response model: responses, share judged unsafe, mean P(unsafe) (SPA-VL's Table 1)."""
-    responses = tables["responses"]
-    judgments = tables["judgments"]
+def model_safety_counts(tables: dict[str, pa.Table]) -> dict[str, dict[str, float]]:
+    """Per response model: responses, judged, judged unsafe, sum of P(unsafe) (summable)."""
+    responses, judgments = tables["responses"], tables["judgments"]
     model_of = dict(
-        zip(
-            responses.column("response_id").to_pylist(),
-            responses.column("model").to_pylist(),
-            strict=True,
-        )
+        zip(responses["response_id"].to_pylist(), responses["model"].to_pylist(), strict=True)
     )
-    safety = judgments.filter(pc.equal(judgments.column("kind"), "safety"))
-    verdicts: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    out: dict[str, dict[str, float]] = {}
+    for model, n in Counter(model_of.values()).items():
+        out[model] = {"responses": n, "judged": 0, "unsafe": 0, "p_unsafe_sum": 0.0}
+    safety = judgments.filter(pc.equal(judgments["kind"], "safety"))
     for rid, verdict, score in zip(
-        safety.column("response_id").to_pylist(),
-        safety.column("verdict").to_pylist(),
-        safety.column("score").to_pylist(),
+        safety["response_id"].to_pylist(),
+        safety["verdict"].to_pylist(),
+        safety["score"].to_pylist(),
         strict=True,
     ):
-        verdicts[model_of[rid]].append((verdict, score))
-    out: dict[str, dict[str, float]] = {}
-    for model in sorted(set(model_of.values())):
-        judged = verdicts.get(model, [])
-        n = len(judged)
+        stats = out[model_of[rid]]
+        stats["judged"] += 1
+        stats["unsafe"] += verdict == "unsafe"
+        stats["p_unsafe_sum"] += score
+    return out
+
+
+def model_safety(branches: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """SPA-VL's Table 1 over the whole version: share judged unsafe and mean P(unsafe)."""
+    total: dict[str, Counter[str]] = {}
+    for branch in branches.values():
+        for model, stats in branch.get("model_safety", {}).items():
+            total.setdefault(model, Counter()).update(stats)
+    out = {}
+    for model, t in sorted(total.items()):
+        judged = t["judged"]
         out[model] = {
-            "responses": sum(1 for m in model_of.values() if m == model),
-            "judged": n,
-            "unsafe_rate": sum(1 for v, _ in judged if v == "unsafe") / n if n else float("nan"),
-            "mean_p_unsafe": sum(s for _, s in judged) / n if n else float("nan"),
+            "responses": t["responses"],
+            "judged": judged,
+            "unsafe_rate": t["unsafe"] / judged if judged else float("nan"),
+            "mean_p_unsafe": t["p_unsafe_sum"] / judged if judged else float("nan"),
         }
     return out
 
 
-def build_manifest(
-    config: RunConfig,
-    taxonomy: Taxonomy,
-    leaves: list[Subcategory],
-    refs: dict[str, dict[str, StageRef]],
-    tables: dict[str, pa.Table],
-) -> dict[str, Any]:
-    """What produced the version: never an endpoint URL or a secret, only what shapes the data."""
-
-    def entry(m: Any) -> dict[str, Any]:
-        endpoint = config.endpoints[m.endpoint]
-        return {
-            "name": m.name,
-            "model": m.model,
-            "provider": endpoint.get("kind", "openai"),
-            "sampling": m.sampling.model_dump(mode="json"),
-        }
-
+def _entry(config: RunConfig, m: ModelEntry) -> dict[str, Any]:
+    endpoint = config.endpoints[m.endpoint]
     return {
-        "name": config.name,
-        "config_hash": config.content_hash(),
-        "code_version": code_version(),
-        "taxonomy": {"name": taxonomy.name, "hash": taxonomy.content_hash, "branches": len(leaves)},
-        "prompts": prompt_versions(config.prompts_dir),
-        "models": [entry(m) for m in config.models],
-        "generator": entry(config.generator),
-        "judges": [entry(j) for j in config.judges],
-        "stages": config.stages.model_dump(mode="json"),
-        "branches": {
-            leaf.branch_id: {
-                "path": leaf.path,
-                "stages": {
-                    stage: {"key": ref.key, "reused": ref.reused, "counts": ref.counts}
-                    for stage, ref in refs[leaf.branch_id].items()
-                },
-            }
-            for leaf in leaves
-        },
-        "counts": {name: tbl.num_rows for name, tbl in tables.items()},
-        "model_safety": model_safety(tables),
+        "name": m.name,
+        "model": m.model,
+        "provider": endpoint.get("kind", "openai"),
+        "sampling": m.sampling.model_dump(mode="json"),
+    }
+
+
+def publish_key(config: RunConfig, refs: dict[str, StageRef]) -> str:
+    """What a branch's published files depend on: its pairs output (which hashes everything
+    upstream) and the split settings."""
+    return stage_key("publish", refs["pairs"].key, config.stages.publish.model_dump(mode="json"))
+
+
+def _shared_parts(parent: Version, branch_id: str) -> dict[str, Part]:
+    suffix = f"/{branch_id}.parquet"
+    return {
+        rel: SharedFile(parent.version_id, rel)
+        for rel in parent.manifest["files"]
+        if rel.endswith(suffix)
     }
 
 
@@ -153,28 +136,71 @@ def publish_version(
     taxonomy: Taxonomy,
     leaves: list[Subcategory],
     refs: dict[str, dict[str, StageRef]],
+    only: list[str] | None = None,
 ) -> str:
+    """Publish the branches of this run, sharing what the parent version already has."""
     workspace = Workspace(config.workspace)
-    tables = gather_tables(workspace, refs)
-    publish = config.stages.publish
-    splits = assign_splits(
-        tables["images"].column("image_id").to_pylist(), publish.splits, publish.seed
-    )
-    quadruples = build_quadruples(
-        tables["images"],
-        tables["questions"],
-        tables["responses"],
-        tables["pairs"],
-        splits,
-        rankings=tables["rankings"],
-        names=list(publish.splits),
-    )
-    # An empty split is left out: `datasets` cannot load an empty Parquet split.
-    quadruples = {split: tbl for split, tbl in quadruples.items() if tbl.num_rows}
     store = Store(config.store)
     latest = store.latest()
-    manifest = build_manifest(config, taxonomy, leaves, refs, tables)
-    info = store.publish(
-        tables, quadruples, manifest, dataset_card, parent=latest.version_id if latest else None
+    parent = store.open(latest.version_id) if latest else None
+    parent_branches: dict[str, Any] = parent.manifest.get("branches", {}) if parent else {}
+
+    parts: dict[str, Part] = {}
+    branches: dict[str, dict[str, Any]] = {}
+    for leaf in leaves:
+        branch_refs = refs[leaf.branch_id]
+        key = publish_key(config, branch_refs)
+        info: dict[str, Any] = {
+            "path": leaf.path,
+            "publish_key": key,
+            "stages": {
+                stage: {"key": ref.key, "reused": ref.reused, "counts": ref.counts}
+                for stage, ref in branch_refs.items()
+            },
+        }
+        previous = parent_branches.get(leaf.branch_id)
+        if parent is not None and previous is not None and previous.get("publish_key") == key:
+            parts.update(_shared_parts(parent, leaf.branch_id))
+            info.update(
+                status="reused", rows=previous["rows"], model_safety=previous["model_safety"]
+            )
+        else:
+            tables = branch_tables(workspace, branch_refs)
+            parts.update(branch_parts(leaf.branch_id, tables, config.stages.publish))
+            info.update(
+                status="built",
+                rows={name: tbl.num_rows for name, tbl in tables.items()},
+                model_safety=model_safety_counts(tables),
+            )
+        branches[leaf.branch_id] = info
+    if only is not None and parent is not None:
+        # A branch rerun: every other branch of the parent comes along unchanged.
+        for branch_id, previous in parent_branches.items():
+            if branch_id not in branches:
+                parts.update(_shared_parts(parent, branch_id))
+                branches[branch_id] = {**previous, "status": "shared"}
+
+    manifest = {
+        "name": config.name,
+        "config_hash": config.content_hash(),
+        "code_version": code_version(),
+        "taxonomy": {
+            "name": taxonomy.name,
+            "hash": taxonomy.content_hash,
+            "branches": len(branches),
+        },
+        "prompts": prompt_versions(config.prompts_dir),
+        "models": [_entry(config, m) for m in config.models],
+        "generator": _entry(config, config.generator),
+        "judges": [_entry(config, j) for j in config.judges],
+        "stages": config.stages.model_dump(mode="json"),
+        "only": only,
+        "rebuilt": sorted(b["path"] for b in branches.values() if b["status"] == "built"),
+        "branches": branches,
+        "counts": dict(sum((Counter(b["rows"]) for b in branches.values()), Counter())),
+        "model_safety": model_safety(branches),
+    }
+    info_ = store.publish(
+        parts, manifest, dataset_card, parent=parent.version_id if parent else None
     )
-    return info.version_id
+    return info_.version_id

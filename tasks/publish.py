@@ -1,7 +1,7 @@
 """The publish stage's pure part: splits, the SPA-VL quadruple view, statistics, the dataset card.
 
-No Prefect and no file I/O here except in `publish_version`, which hands the built tables to
-`vlpref.store.Store.publish`.
+No Prefect and no file I/O here: `branch_parts` builds one branch's files, which the flow hands
+to `vlpref.store.Store.publish`.
 
 Splits are assigned per image (`assign_splits`): a hash of (seed, image_id) read as a uniform
 number in [0, 1) falls into one of the cumulative fractions of the split names taken in sorted
@@ -33,17 +33,16 @@ from vlpref.records import IMAGES, PAIRS, QUESTIONS, RANKINGS, RESPONSES
 
 if TYPE_CHECKING:
     from vlpref.config import PublishStage
-    from vlpref.store import Store, VersionInfo
 
 __all__ = [
     "IMAGE_TYPE",
     "QUADRUPLES",
     "assign_splits",
+    "branch_parts",
     "build_quadruples",
     "dataset_card",
     "hf_features",
     "hf_metadata",
-    "publish_version",
     "unsafe_rates",
 ]
 
@@ -379,7 +378,7 @@ def _front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
     total = sum(int(s.get("rows", 0)) for s in splits.values())
     # An empty Parquet split breaks `datasets` ("BatchSize must be greater than 0"): not listed.
     files = [
-        {"split": name, "path": f"data/{name}.parquet"}
+        {"split": name, "path": f"data/{name}/*.parquet"}
         for name, counts in splits.items()
         if counts.get("rows", 1)
     ]
@@ -582,7 +581,7 @@ def dataset_card(manifest: Mapping[str, Any]) -> str:
         "",
         "```python",
         "from datasets import load_dataset",
-        'ds = load_dataset("parquet", data_files={"train": "data/train.parquet"})',
+        'ds = load_dataset("parquet", data_files={"train": "data/train/*.parquet"})',
         "```",
         "",
         "Columns: `image` (Image), `question`, `chosen`, `rejected`, `image_name`, `class1`, "
@@ -596,22 +595,18 @@ def dataset_card(manifest: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- the whole stage ----------------------------------------------------------------------------
+# --- one branch's files -------------------------------------------------------------------------
 
 
-def publish_version(
-    store: Store,
-    tables: Mapping[str, pa.Table],
-    manifest: Mapping[str, Any],
-    stage: PublishStage,
-    *,
-    parent: str | None = None,
-) -> VersionInfo:
-    """Split, build the quadruples, add unsafe rates, and publish one version to `store`.
+def branch_parts(
+    branch_id: str, tables: Mapping[str, pa.Table], stage: PublishStage
+) -> dict[str, pa.Table]:
+    """The files one branch contributes to a version: its side tables, and its quadruples per
+    split (empty splits left out: `datasets` cannot load an empty Parquet file).
 
-    `tables` holds at least images, questions, responses and pairs (rankings adds scores and
-    unsafe rates). Splits with no pair are not published (their fraction stays in
-    `split_fractions`); no pair at all is a DataError.
+    `tables` holds at least images, questions, responses and pairs of this branch (rankings
+    adds the scores). Splits are assigned by image (`assign_splits`), so a branch's parts do
+    not depend on which other branches are in the version, and can be shared between versions.
     """
     images = tables["images"]
     splits = assign_splits(images["image_id"].to_pylist(), stage.splits, stage.seed)
@@ -625,13 +620,12 @@ def publish_version(
         rankings=tables.get("rankings"),
         names=names,
     )
-    # Splits that got no pair are left out: every published split loads with every reader.
-    quadruples = {name: tbl for name, tbl in quadruples.items() if tbl.num_rows}
-    if not quadruples:
-        raise DataError("nothing to publish: there are no pairs")
-    full = dict(manifest)
-    if "rankings" in tables:
-        full["unsafe_rates"] = unsafe_rates(tables["rankings"], quadruples)
-    full["split_fractions"] = dict(stage.splits)
-    full["split_seed"] = stage.seed
-    return store.publish(dict(tables), quadruples, full, dataset_card, parent=parent)
+    parts = {f"tables/{name}/{branch_id}.parquet": tbl for name, tbl in tables.items()}
+    parts.update(
+        {
+            f"data/{split}/{branch_id}.parquet": tbl
+            for split, tbl in quadruples.items()
+            if tbl.num_rows
+        }
+    )
+    return parts

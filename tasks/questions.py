@@ -25,6 +25,7 @@ from vlpref.config import RunConfig
 from vlpref.journal import Journal
 from vlpref.prompts import Prompt, load_prompt
 from vlpref.records import QUESTIONS, stable_id, table
+from vlpref.runner import BatchStats
 from vlpref.service import ModelService
 from vlpref.stage import FailureRow, StageOutput
 from vlpref.taxonomy import Subcategory
@@ -87,6 +88,7 @@ def generate_questions(
     if params.n != 1:
         params = replace(params, n=1)  # one caption / one question set per image
 
+    stats = BatchStats()
     captions: dict[str, _Caption] = {r["image_id"]: _Caption() for r in rows}
     pending = {r["image_id"]: r for r in rows}
     for attempt in range(stage.max_attempts):
@@ -107,7 +109,7 @@ def generate_questions(
             )
             for image_id, row in pending.items()
         ]
-        for result in service.run([(provider, requests)], journal):
+        for result in service.run([(provider, requests)], journal, stats):
             image_id = result.request.id
             caption = captions[image_id]
             text = result.samples[0].text.strip() if result.ok and result.samples else ""
@@ -144,7 +146,7 @@ def generate_questions(
             )
             for image_id, row in pending.items()
         ]
-        for result in service.run([(provider, requests)], journal):
+        for result in service.run([(provider, requests)], journal, stats):
             image_id = result.request.id
             attempts_used[image_id] = attempt + 1
             if not result.ok:
@@ -192,7 +194,7 @@ def generate_questions(
         n_in=len(rows) * len(stage.types),
         rows=table(out_rows, QUESTIONS),
         failures=tuple(failures),
-        extra={"images": len(rows)},
+        extra={"images": len(rows), "requests_sent": stats.sent, "requests_cached": stats.cached},
     )
 
 

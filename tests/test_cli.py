@@ -60,3 +60,47 @@ def test_sim_server_command_serves_health(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_versions_commands_list_show_and_diff(tmp_path: Path) -> None:
+    """Two versions published straight to a store, then read back through the CLI."""
+    from tasks.publish import branch_parts, dataset_card
+    from tests.tasks.test_publish import make_tables
+    from vlpref.config import PublishStage
+    from vlpref.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    stage = PublishStage()
+    tables = make_tables()
+    manifest = {
+        "name": "cli",
+        "models": [{"name": "a", "model": "m", "sampling": {}}],
+        "branches": {
+            "b1": {"path": "D/C/S", "status": "built", "rows": {"pairs": 3}, "stages": {}}
+        },
+        "stages": {"pairs": {"policy": "spa-vl"}},
+        "prompts": {"judge": "v1"},
+    }
+    first = store.publish(branch_parts("b1", tables, stage), manifest, dataset_card)
+    changed = {
+        **manifest,
+        "models": [*manifest["models"], {"name": "b", "model": "n", "sampling": {}}],
+        "stages": {"pairs": {"policy": "max-margin"}},
+        "prompts": {"judge": "v2"},
+    }
+    second = store.publish(
+        branch_parts("b1", tables, stage), changed, dataset_card, parent=first.version_id
+    )
+
+    listed = run("versions", "list", "--store", store.location)
+    assert listed.returncode == 0, listed.stderr
+    assert "versions in" in listed.stdout
+    shown = run("versions", "show", "latest", "--store", store.location)
+    assert shown.returncode == 0 and second.version_id in shown.stdout
+    diffed = run("versions", "diff", first.version_id, "latest", "--store", store.location)
+    assert diffed.returncode == 0, diffed.stderr
+    assert "added ['b']" in diffed.stdout
+    assert "prompts changed: judge" in diffed.stdout
+    assert "pairs.policy" in diffed.stdout
+    missing = run("versions", "show", "20990101T000000.000000Z-00000000", "--store", store.location)
+    assert missing.returncode == 2 and "no complete version" in missing.stderr

@@ -182,13 +182,13 @@ def spa_candidates() -> tuple[list[Candidate], dict[str, int]]:
     return cs, groups
 
 
-def test_spa_vl_candidate_pairs_are_cross_group_deterministic_and_capped() -> None:
+def test_spa_vl_candidate_pairs_are_cross_model_deterministic_and_capped() -> None:
     cs, groups = spa_candidates()
     config = cfg("spa-vl", same_model_pairs=False)
     pairs = candidate_pairs(Q, cs, groups, config, max_pairs=100)
     models = {c.response_id: c.model for c in cs}
-    assert all(groups[models[x]] != groups[models[y]] for x, y in pairs)
-    assert len(pairs) == 8  # 10 pairs minus jb-comply (group 0) and the two helpful samples
+    assert all(models[x] != models[y] for x, y in pairs)
+    assert len(pairs) == 9  # 10 pairs minus the two helpful samples
     assert candidate_pairs(Q, list(reversed(cs)), groups, config, max_pairs=100) == pairs
     assert candidate_pairs(Q, cs, groups, config, max_pairs=3) == pairs[:3]
     assert candidate_pairs(Q, cs, groups, config, max_pairs=0) == []
@@ -201,14 +201,26 @@ def test_spa_vl_candidate_pairs_are_cross_group_deterministic_and_capped() -> No
 def test_spa_vl_same_model_pairs_come_after_cross_group_pairs() -> None:
     cs, groups = spa_candidates()
     pairs = candidate_pairs(Q, cs, groups, cfg("spa-vl"), max_pairs=100)
-    assert pairs[-1] == ("r4", "r5") and len(pairs) == 9
+    assert pairs[-1] == ("r4", "r5") and len(pairs) == 10
 
 
-def test_spa_vl_models_without_a_group_are_left_out() -> None:
+def test_spa_vl_candidate_pairs_do_not_depend_on_the_groups() -> None:
+    """Adding a model regroups the others; the pairs asked about must not change with it."""
     cs, groups = spa_candidates()
-    del groups["jb"]
-    pairs = candidate_pairs(Q, cs, groups, cfg("spa-vl", same_model_pairs=False), max_pairs=100)
-    assert all("r1" not in pair for pair in pairs)
+    config = cfg("spa-vl", same_model_pairs=False)
+    regrouped = {model: 0 for model in groups}
+    assert candidate_pairs(Q, cs, regrouped, config, max_pairs=4) == candidate_pairs(
+        Q, cs, groups, config, max_pairs=4
+    )
+
+
+def test_adding_a_model_only_adds_pairs_that_involve_it() -> None:
+    cs, groups = spa_candidates()
+    config = cfg("spa-vl")
+    before = set(candidate_pairs(Q, cs[:-1], groups, config, max_pairs=4))
+    after = set(candidate_pairs(Q, cs, groups, config, max_pairs=4))
+    new_id = cs[-1].response_id
+    assert all(new_id in pair for pair in after - before)
 
 
 def test_rating_candidate_pairs_start_at_the_extremes() -> None:
@@ -221,8 +233,6 @@ def test_rating_candidate_pairs_start_at_the_extremes() -> None:
 
 def test_candidate_pairs_errors() -> None:
     cs, _ = spa_candidates()
-    with pytest.raises(ValueError, match="safety groups"):
-        candidate_pairs(Q, cs, None, cfg("spa-vl"), max_pairs=2)
     with pytest.raises(ValueError, match="max_pairs"):
         candidate_pairs(Q, cs, None, cfg(), max_pairs=-1)
     with pytest.raises(ValueError, match="distinct"):
@@ -241,7 +251,12 @@ def outcomes_for(
 def test_spa_vl_the_pairwise_verdict_decides_and_margin_follows_the_choice() -> None:
     cs, groups = spa_candidates()
     config = cfg("spa-vl")
-    first = candidate_pairs(Q, cs, groups, config, max_pairs=1)[0]
+    models = {c.response_id: c.model for c in cs}
+    first = next(
+        (x, y)
+        for x, y in candidate_pairs(Q, cs, groups, config, max_pairs=100)
+        if groups[models[x]] != groups[models[y]]
+    )
     x, y = first
     # y wins in both orders (as B when x is first, as A when y is first).
     pairwise = {first: combine_orders(0.2, 0.7)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -61,6 +61,13 @@ def run(
         list[str] | None,
         typer.Option("--only", help="taxonomy path prefix to build (repeatable)"),
     ] = None,
+    runner: Annotated[str, typer.Option(help="task runner: threads, dask or ray")] = "threads",
+    workers: Annotated[
+        int | None, typer.Option(help="local workers (threads or processes)")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="an existing Dask scheduler or Ray cluster address")
+    ] = None,
 ) -> None:
     """Build a new dataset version (one Prefect flow run)."""
     import time
@@ -73,11 +80,14 @@ def run(
     selected = only or (list(cfg.only) or None)
     leaves = load_taxonomy(cfg.taxonomy).select(selected)
     started = time.perf_counter()
-    version_id = _run_with_progress(str(config), only or None, len(leaves))
+    from flows.runners import task_runner
+
+    chosen = task_runner(runner, workers=workers, address=address)
+    version_id = _run_with_progress(str(config), only or None, len(leaves), chosen)
     print_summary(str(config), version_id, time.perf_counter() - started, console=Console())
 
 
-def _run_with_progress(config: str, only: list[str] | None, branches: int) -> str:
+def _run_with_progress(config: str, only: list[str] | None, branches: int, runner: Any) -> str:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows import progress
@@ -99,9 +109,163 @@ def _run_with_progress(config: str, only: list[str] | None, branches: int) -> st
 
         unsubscribe = progress.subscribe(advance)
         try:
-            return build_dataset(config, only)
+            return build_dataset.with_options(task_runner=runner)(config, only)
         finally:
             unsubscribe()
+
+
+versions_app = typer.Typer(help="List, show and compare dataset versions.", no_args_is_help=True)
+app.add_typer(versions_app, name="versions")
+
+StoreOption = Annotated[str | None, typer.Option("--store", "-s", help="store location")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="run config (its store)")]
+
+
+def _store(store: str | None, config: Path | None) -> Any:
+    from vlpref.config import load_config
+    from vlpref.errors import ConfigError
+    from vlpref.store import Store
+
+    if store is None and config is None:
+        raise ConfigError("give --store LOCATION or --config RUN_CONFIG")
+    return Store(store if store is not None else load_config(config).store)  # type: ignore[arg-type]
+
+
+def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    if not rows:
+        Console().print(f"{title}: none")
+        return
+    for column in rows[0]:
+        table.add_column(
+            str(column), justify="right" if isinstance(rows[0][column], int) else "left"
+        )
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+
+
+@versions_app.command("list")
+def versions_list(store: StoreOption = None, config: ConfigOption = None) -> None:
+    """Every complete version, oldest first."""
+    from vlpref.versions import summary_row
+
+    st = _store(store, config)
+    latest = st.latest()
+    rows = []
+    for info in st.list_versions():
+        row = summary_row(st.open(info.version_id).manifest)
+        row["latest"] = "*" if latest and latest.version_id == info.version_id else ""
+        rows.append(row)
+    _print_rows(f"versions in {st.location}", rows)
+
+
+@versions_app.command("show")
+def versions_show(
+    version: Annotated[str, typer.Argument(help="version id, or 'latest'")],
+    store: StoreOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """What a version holds and what produced it."""
+    from vlpref.versions import branch_rows
+
+    st = _store(store, config)
+    v = st.open(_resolve_version(st, version))
+    m = v.manifest
+    out = Console()
+    out.print(
+        f"[bold]{v.version_id}[/bold]  created {m.get('created_at')}  parent {m.get('parent')}"
+    )
+    out.print(f"location: {v.path('')}")
+    out.print(
+        f"config {str(m.get('config_hash'))[:12]}  code {m.get('code_version')}  "
+        f"taxonomy {m.get('taxonomy')}"
+    )
+    if m.get("only"):
+        out.print(f"branch rerun of {m['only']}; rebuilt: {m.get('rebuilt')}")
+    _print_rows("branches", branch_rows(m))
+    _print_rows(
+        "splits",
+        [
+            {"split": n, **{k: s[k] for k in ("rows", "images", "questions")}}
+            for n, s in m.get("splits", {}).items()
+        ],
+    )
+    models = [
+        {"role": role, "name": e["name"], "model": e["model"], "sampling": str(e["sampling"])}
+        for role, entries in (
+            ("response", m.get("models", [])),
+            ("generator", [m["generator"]] if m.get("generator") else []),
+            ("judge", m.get("judges", [])),
+        )
+        for e in entries
+    ]
+    _print_rows("models", models)
+    _print_rows(
+        "prompts", [{"template": k, "version": val} for k, val in m.get("prompts", {}).items()]
+    )
+
+
+@versions_app.command("diff")
+def versions_diff(
+    old: Annotated[str, typer.Argument(help="older version id")],
+    new: Annotated[str, typer.Argument(help="newer version id, or 'latest'")],
+    store: StoreOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """What changed between two versions: branches, splits, models, prompts, settings."""
+    from vlpref.versions import diff
+
+    st = _store(store, config)
+    d = diff(
+        st.open(_resolve_version(st, old)).manifest, st.open(_resolve_version(st, new)).manifest
+    )
+    out = Console()
+    out.print(f"[bold]{d['old']}[/bold] -> [bold]{d['new']}[/bold]")
+    _print_rows("branches changed", d["branches"])
+    _print_rows("splits", [{"split": k, **v} for k, v in d["splits"].items()])
+    for role in ("models", "judges"):
+        changes = d[role]
+        if any(changes.values()):
+            out.print(f"{role}: " + "; ".join(f"{k} {v}" for k, v in changes.items() if v))
+    if d["generator_changed"]:
+        out.print("generator changed")
+    if d["prompts_changed"]:
+        out.print(f"prompts changed: {', '.join(d['prompts_changed'])}")
+    if d["taxonomy_changed"]:
+        out.print("taxonomy changed")
+    _print_rows("settings changed", [{"setting": k, **v} for k, v in d["settings"].items()])
+    if not d["config_changed"]:
+        out.print("config unchanged")
+
+
+def _resolve_version(store: Any, version: str) -> str:
+    if version == "latest":
+        info = store.latest()
+        if info is None:
+            from vlpref.errors import StoreError
+
+            raise StoreError(f"{store.location} has no version yet")
+        return str(info.version_id)
+    return version
+
+
+@app.command("serve")
+def serve(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="run config the deployments build")
+    ] = None,
+    prefect_yaml: Annotated[Path, typer.Option(help="the deployments to serve")] = Path(
+        "prefect.yaml"
+    ),
+    limit: Annotated[int | None, typer.Option(help="most flow runs at once")] = None,
+) -> None:
+    """Serve the nightly and branch-rerun deployments against a Prefect server."""
+    from vlpref.serve import serve as serve_deployments
+
+    serve_deployments(prefect_yaml, config=str(config) if config else None, limit=limit)
 
 
 @app.command("check")
@@ -115,6 +279,68 @@ def check(config: Annotated[Path, typer.Argument(help="run config YAML")]) -> No
         f"{len(cfg.judges)} judge(s), {len(cfg.endpoints)} endpoint(s), "
         f"config {cfg.content_hash()[:12]}"
     )
+
+
+@app.command("vllm-serve")
+def vllm_serve(
+    config: Annotated[Path, typer.Argument(help="run config YAML with `serve:` endpoints")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="where to write the config that points at the servers"),
+    ] = None,
+    run_flow: Annotated[
+        bool, typer.Option("--run", help="build a dataset with it, then stop the servers")
+    ] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="with --run: taxonomy path prefix to build (repeatable)"),
+    ] = None,
+    log_dir: Annotated[Path | None, typer.Option(help="folder for the servers' logs")] = None,
+) -> None:
+    """Start `vllm serve` for every endpoint with a `serve:` block, wait for /health, write a
+    config pointing at them, and serve until Ctrl-C (or, with --run, build one dataset version).
+    The servers are stopped on exit, Ctrl-C or SIGTERM."""
+    import time
+
+    from vlpref.config import load_config
+    from vlpref.vllm_serve import VllmServeError, VllmServers, terminate_as_interrupt
+
+    cfg = load_config(config)
+    servers = VllmServers(cfg, log_dir=log_dir, log=lambda line: console.print(line, markup=False))
+    if not servers.specs:
+        raise VllmServeError(f"{config}: no endpoint has a `serve:` block; nothing to start")
+    target = out or config.with_name(f"{config.stem}.served.yaml")
+    try:
+        with terminate_as_interrupt(), servers:
+            servers.write_config(target)
+            console.print(f"config pointing at the servers: {target}", markup=False)
+            if run_flow:
+                from vlpref.report import print_summary
+                from vlpref.taxonomy import load_taxonomy
+
+                served = load_config(target)
+                leaves = load_taxonomy(served.taxonomy).select(only or (list(served.only) or None))
+                from flows.runners import task_runner
+
+                started = time.perf_counter()
+                version_id = _run_with_progress(
+                    str(target), only or None, len(leaves), task_runner("threads")
+                )
+                servers.check_alive()
+                print_summary(
+                    str(target), version_id, time.perf_counter() - started, console=Console()
+                )
+            else:
+                console.print("serving; Ctrl-C stops the servers", markup=False)
+                while True:
+                    time.sleep(2)
+                    servers.check_alive()
+    except KeyboardInterrupt:
+        console.print("interrupted", markup=False)
+        raise SystemExit(130) from None
+    finally:
+        console.print("vllm servers stopped", markup=False)
+        servers.cleanup()
 
 
 @app.command("providers")

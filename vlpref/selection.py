@@ -309,19 +309,25 @@ def candidate_pairs(
     """The (response_id_x, response_id_y) pairs the judge should compare in both orders, at most
     `max_pairs`, in the order `select_pairs` will try them.
 
-    spa-vl: pairs from different safety groups, in a deterministic pseudo-random order (a hash of
-    seed, question id and the two ids; `seed` defaults to `config.seed`), then same-model pairs if
-    allowed. Rating policies: the pairs a policy could keep, largest overall margin first - around
-    the top and the bottom of the ranking - so the verdicts can confirm them.
+    spa-vl: pairs of responses from different models, in a deterministic pseudo-random order (a
+    hash of seed, question id and the two ids; `seed` defaults to `config.seed`), then same-model
+    pairs if allowed. Deliberately *not* limited to different safety groups: groups are measured
+    over all models, so adding a model would regroup the others and ask for new verdicts on pairs
+    of old models. Ordered by a per-pair hash, adding a model can only add pairs that involve it
+    (displacing others from the top `max_pairs`), never new pairs of old models; `select_pairs`
+    then keeps the cross-group ones. Rating policies: the pairs a policy could keep, largest
+    overall margin first - around the top and the bottom of the ranking - so the verdicts can
+    confirm them (also stable: a pair's margin depends only on its two responses).
     """
     if max_pairs < 0:
         raise ValueError(f"max_pairs must be >= 0, got {max_pairs}")
     _check_unique(candidates)
     if config.policy == "spa-vl":
-        if groups is None:
-            raise ValueError("the spa-vl policy needs safety groups (see safety_groups)")
         seed = config.seed if seed is None else seed
-        order = _spa_vl_order(question_id, candidates, groups, config.same_model_pairs, seed)
+        every_model_apart = {c.model: i for i, c in enumerate(candidates)}
+        order = _spa_vl_order(
+            question_id, candidates, every_model_apart, config.same_model_pairs, seed
+        )
         return [(x.response_id, y.response_id) for x, y in order[:max_pairs]]
     scored = _scored(candidates, weights or score_weights(config))
     kept = [

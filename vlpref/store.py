@@ -6,14 +6,22 @@ Layout under the store location:
     .lock                           present while a publish commits (owner info, JSON)
     .staging/<stamp>-<random>/      a version being written; never read
     versions/<version_id>/
-        tables/{images,questions,responses,judgments,pairs,rankings,failures}.parquet
-        data/<split>.parquet        SPA-VL quadruples, one file per split
+        tables/<table>/<part>.parquet   images, questions, responses, judgments, pairs, rankings,
+                                        failures; one part per taxonomy branch
+        data/<split>/<part>.parquet     SPA-VL quadruples, one part per branch
         manifest.json               what produced the version; files with size and sha256
         README.md                   the dataset card
         _COMPLETE                   the visibility marker (JSON: id, parent, manifest sha256)
 
 `version_id` is `<UTC yyyymmddTHHMMSS.ffffffZ>-<8 hex of the content hash>`: sorting ids sorts
 versions by creation time.
+
+Parts: a version is written as parts (one per branch), each either a new table or a `SharedFile`
+of an earlier version. A shared part is hard-linked where the filesystem allows it (local files)
+and copied otherwise; its manifest entry keeps the size, sha256 and the version it first came
+from. Versions stay immutable: no file is ever written in place, so a hard link is never changed
+under a version that shares it. Readers read a table or a split as all of its parts (a folder of
+Parquet files that pyarrow, pandas, DuckDB and `datasets` read as one).
 
 Visibility: **a version exists only when its `_COMPLETE` marker exists.** Readers
 (`list_versions`, `latest`, `open`) ignore everything else. On the local filesystem the version is
@@ -55,7 +63,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -69,11 +77,14 @@ from vlpref.records import SCHEMAS
 __all__ = [
     "COMPLETE",
     "TABLES",
+    "Part",
+    "SharedFile",
     "Store",
     "StoreLock",
     "Version",
     "VersionInfo",
     "find_secret",
+    "parse_part",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,11 +95,12 @@ LATEST: Final = "LATEST"
 LOCK: Final = ".lock"
 STAGING: Final = ".staging"
 VERSIONS: Final = "versions"
-LAYOUT: Final = 1
+LAYOUT: Final = 2
 STORE_KEYS: Final = ("layout", "version_id", "created_at", "parent", "files", "splits")
 
 _VERSION_ID = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
-_SPLIT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_PART = re.compile(r"^(tables|data)/([A-Za-z][A-Za-z0-9_]*)/([A-Za-z0-9][A-Za-z0-9._-]*)\.parquet$")
+EMPTY_PART: Final = "empty"  # the part written for a table that no branch has
 _SECRET_VALUE = re.compile(
     r"^(sk-|Bearer\s|hf_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_|AKIA[0-9A-Z]{16}|xox[abpr]-)"
 )
@@ -98,6 +110,31 @@ _ROW_GROUP_BYTES: Final = 32 * 1024 * 1024
 _READ_CHUNK: Final = 8 * 1024 * 1024
 
 CardSource = str | Callable[[Mapping[str, Any]], str]
+
+
+@dataclass(frozen=True)
+class SharedFile:
+    """A file of an existing version, reused as it is by a new one (`rel` inside that version)."""
+
+    version_id: str
+    rel: str
+
+
+Part: TypeAlias = pa.Table | SharedFile
+
+
+def parse_part(rel: str) -> tuple[str, str, str]:
+    """`tables/pairs/b1.parquet` -> ("tables", "pairs", "b1"); a StoreError for anything else."""
+    match = _PART.match(rel)
+    if match is None:
+        raise StoreError(
+            f"not a part path: {rel!r} "
+            "(tables/<table>/<part>.parquet or data/<split>/<part>.parquet)"
+        )
+    kind, name, part = match.groups()
+    if kind == "tables" and name not in TABLES:
+        raise StoreError(f"unknown table {name!r} in {rel!r} (tables: {', '.join(TABLES)})")
+    return kind, name, part
 
 
 @dataclass(frozen=True)
@@ -410,19 +447,27 @@ class Version:
         """The location of a file of this version, as a path or URI other tools can open."""
         return self.store._location(join(self._dir, rel))
 
-    def _read(self, rel: str) -> pa.Table:
-        with self.store.fs.open(join(self._dir, rel), "rb") as f:
-            return pq.read_table(f)
+    def parts(self, folder: str) -> list[str]:
+        """The part files under `folder` (e.g. `tables/pairs`, `data/train`), sorted."""
+        prefix = folder.rstrip("/") + "/"
+        return sorted(rel for rel in self.manifest["files"] if rel.startswith(prefix))
 
-    def table(self, name: str) -> pa.Table:
+    def _read(self, folder: str, columns: list[str] | None = None) -> pa.Table:
+        tables = []
+        for rel in self.parts(folder):
+            with self.store.fs.open(join(self._dir, rel), "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+        return pa.concat_tables(tables)
+
+    def table(self, name: str, columns: list[str] | None = None) -> pa.Table:
         if name not in TABLES:
             raise StoreError(f"unknown table {name!r} (tables: {', '.join(TABLES)})")
-        return self._read(f"tables/{name}.parquet")
+        return self._read(f"tables/{name}", columns)
 
-    def split(self, name: str) -> pa.Table:
+    def split(self, name: str, columns: list[str] | None = None) -> pa.Table:
         if name not in self.splits:
             raise StoreError(f"version {self.version_id} has no split {name!r} ({self.splits})")
-        return self._read(f"data/{name}.parquet")
+        return self._read(f"data/{name}", columns)
 
     def verify(self) -> None:
         """Check every file against the manifest, and the manifest against the marker."""
@@ -530,8 +575,7 @@ class Store:
 
     def publish(
         self,
-        tables: Mapping[str, pa.Table],
-        quadruples: Mapping[str, pa.Table],
+        parts: Mapping[str, Part],
         manifest: Mapping[str, Any],
         card: CardSource,
         *,
@@ -539,19 +583,21 @@ class Store:
     ) -> VersionInfo:
         """Write a new immutable version and move LATEST to it.
 
-        `tables` maps names in `TABLES` to tables of their schema (a missing one is written
-        empty); `quadruples` maps split names to SPA-VL tables. The store adds `layout`,
+        `parts` maps part paths (`tables/<table>/<part>.parquet`, `data/<split>/<part>.parquet`)
+        to a table (of the table's schema; quadruples as built) or a `SharedFile` of an earlier
+        version. A table with no part is written as one empty part; at least one data part is
+        required. The store adds `layout`,
         `version_id`, `created_at`, `parent`, `files` and `splits` to `manifest` (a manifest that
         sets them, or holds anything that looks like a secret, is refused; NaN and infinities
         are written as null, which strict JSON readers accept). `card` is the README
         text, or a function of the final manifest that returns it.
         """
-        self._check_inputs(tables, quadruples, manifest, parent)
+        self._check_inputs(parts, manifest, parent)
         now = datetime.now(UTC)
         stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
         staging = join(self.root, STAGING, f"{stamp}-{secrets.token_hex(4)}")
         try:
-            files = self._write_data(staging, tables, quadruples)
+            files = self._write_data(staging, parts)
             digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
             version_id = f"{stamp}-{digest[:8]}"
             full: dict[str, Any] = {
@@ -560,7 +606,7 @@ class Store:
                 "version_id": version_id,
                 "created_at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
                 "parent": parent,
-                "splits": {name: _split_counts(tbl) for name, tbl in quadruples.items()},
+                "splits": self._split_counts(staging, files),
                 "files": files,
             }
             marker = self._write_meta(staging, full, card)
@@ -575,11 +621,7 @@ class Store:
         return info
 
     def _check_inputs(
-        self,
-        tables: Mapping[str, pa.Table],
-        quadruples: Mapping[str, pa.Table],
-        manifest: Mapping[str, Any],
-        parent: str | None,
+        self, parts: Mapping[str, Part], manifest: Mapping[str, Any], parent: str | None
     ) -> None:
         secret = find_secret(manifest)
         if secret:
@@ -590,33 +632,74 @@ class Store:
         reserved = sorted(set(manifest) & set(STORE_KEYS))
         if reserved:
             raise StoreError(f"the store sets {reserved} itself; leave them out of the manifest")
-        unknown = sorted(set(tables) - set(TABLES))
-        if unknown:
-            raise StoreError(f"unknown tables {unknown} (tables: {', '.join(TABLES)})")
-        bad = [name for name in quadruples if not _SPLIT_NAME.match(name)]
-        if bad or not quadruples:
-            raise StoreError(f"split names must be identifiers, at least one: {bad or 'none'}")
+        kinds = []
+        for rel, part in parts.items():
+            kind, name, _ = parse_part(rel)
+            kinds.append(kind)
+            # A shared file stays in its table or split: anything else reads as another schema.
+            if isinstance(part, SharedFile) and not part.rel.startswith(f"{kind}/{name}/"):
+                raise StoreError(
+                    f"{part.rel!r} of version {part.version_id} cannot be shared as {rel!r}: "
+                    f"only a part of {kind}/{name}/ can"
+                )
+        if "data" not in kinds:
+            raise StoreError("a version needs at least one data part (data/<split>/<part>.parquet)")
         if parent is not None and self._info(parent) is None:
             raise StoreError(f"parent {parent!r} is not a complete version of {self.location}")
 
-    def _write_data(
-        self,
-        staging: str,
-        tables: Mapping[str, pa.Table],
-        quadruples: Mapping[str, pa.Table],
-    ) -> dict[str, Any]:
-        self.fs.makedirs(join(staging, "tables"), exist_ok=True)
-        self.fs.makedirs(join(staging, "data"), exist_ok=True)
+    def _write_data(self, staging: str, parts: Mapping[str, Part]) -> dict[str, Any]:
         files: dict[str, Any] = {}
-        for name in TABLES:
-            given = tables.get(name)
-            tbl = _conform(name, given) if given is not None else SCHEMAS[name].empty_table()
-            rel = f"tables/{name}.parquet"
-            files[rel] = _write_parquet(self.fs, join(staging, rel), tbl)
-        for split, tbl in quadruples.items():
-            rel = f"data/{split}.parquet"
-            files[rel] = _write_parquet(self.fs, join(staging, rel), tbl)
+        have_tables = {parse_part(rel)[1] for rel in parts if rel.startswith("tables/")}
+        empty = {
+            f"tables/{name}/{EMPTY_PART}.parquet": SCHEMAS[name].empty_table()
+            for name in TABLES
+            if name not in have_tables
+        }
+        for rel, part in sorted({**parts, **empty}.items()):
+            kind, name, _ = parse_part(rel)
+            target = join(staging, rel)
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            if isinstance(part, SharedFile):
+                files[rel] = self._share(part, target)
+            else:
+                tbl = _conform(name, part) if kind == "tables" else part
+                files[rel] = _write_parquet(self.fs, target, tbl)
         return files
+
+    def _share(self, shared: SharedFile, target: str) -> dict[str, Any]:
+        """Reuse a file of a complete version: a hard link locally, a copy elsewhere."""
+        version = self.open(shared.version_id)
+        entry = version.manifest["files"].get(shared.rel)
+        if entry is None:
+            raise StoreError(f"version {shared.version_id} has no file {shared.rel!r} to share")
+        source = join(version._dir, shared.rel)
+        linked = False
+        if is_local(self.fs):
+            try:
+                os.link(source, target)
+                linked = True
+            except OSError:  # another device, or links not allowed: fall back to a copy
+                linked = False
+        if not linked:
+            self.fs.copy(source, target)
+        return {
+            "size": entry["size"],
+            "sha256": entry["sha256"],
+            "shared_from": entry.get("shared_from", shared.version_id),
+        }
+
+    def _split_counts(self, staging: str, files: Mapping[str, Any]) -> dict[str, Any]:
+        columns = ["image_id", "question_id", "class1", "class2", "question_type"]
+        by_split: dict[str, list[pa.Table]] = {}
+        for rel in sorted(files):
+            kind, name, _ = parse_part(rel)
+            if kind == "data":
+                with self.fs.open(join(staging, rel), "rb") as f:
+                    schema_names = pq.read_schema(f).names
+                with self.fs.open(join(staging, rel), "rb") as f:
+                    wanted = [c for c in columns if c in schema_names]
+                    by_split.setdefault(name, []).append(pq.read_table(f, columns=wanted))
+        return {name: _split_counts(pa.concat_tables(t)) for name, t in sorted(by_split.items())}
 
     def _write_meta(self, staging: str, manifest: dict[str, Any], card: CardSource) -> bytes:
         """README.md and manifest.json; returns the marker (written into staging when local)."""

@@ -15,13 +15,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import posixpath
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlpref.fs import join, resolve
+from vlpref.fs import is_local, join, resolve
 from vlpref.journal import Journal
 from vlpref.keys import canonical_json
 from vlpref.stage import StageOutput
@@ -74,17 +78,37 @@ class Workspace:
         return StageRef(stage, branch_id, key, tuple(meta["tables"]), meta["counts"], reused=True)
 
     def write(self, output: StageOutput, key: str, tables: dict[str, pa.Table]) -> StageRef:
-        folder = self._dir(output.stage, output.branch_id, key)
-        self.fs.makedirs(folder, exist_ok=True)
+        """Write a stage output. Two runs may produce the same key at once: each writes into a
+        private folder and renames it into place, so a reader never sees a half-written output;
+        the loser of the race discards its copy (the contents are the same by construction)."""
+        final = self._dir(output.stage, output.branch_id, key)
+        temp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(temp, exist_ok=True)
         for name, tbl in {**tables, "failures": output.failures_table()}.items():
             buffer = io.BytesIO()
             pq.write_table(tbl, buffer, compression="zstd")
-            with self.fs.open(join(folder, f"{name}.parquet"), "wb") as handle:
+            with self.fs.open(join(temp, f"{name}.parquet"), "wb") as handle:
                 handle.write(buffer.getvalue())
         meta = {"tables": sorted(tables), "counts": output.counts()}
-        with self.fs.open(join(folder, COUNTS_FILE), "wb") as handle:
+        with self.fs.open(join(temp, COUNTS_FILE), "wb") as handle:
             handle.write(json.dumps(meta, indent=1).encode())
+        self._move_into_place(temp, final)
         return StageRef(output.stage, output.branch_id, key, tuple(sorted(tables)), output.counts())
+
+    def _move_into_place(self, temp: str, final: str) -> None:
+        if self.fs.exists(join(final, COUNTS_FILE)):
+            self.fs.rm(temp, recursive=True)
+            return
+        if is_local(self.fs):
+            try:
+                os.rename(temp, final)  # atomic; fails if another writer got there first
+            except OSError:
+                shutil.rmtree(temp, ignore_errors=True)
+            return
+        # Object stores: objects are written whole; counts.json goes last and marks completion.
+        for name in sorted(self.fs.ls(temp, detail=False), key=lambda p: p.endswith(COUNTS_FILE)):
+            self.fs.mv(name, join(final, posixpath.basename(name)))
+        self.fs.rm(temp, recursive=True)
 
     def read(self, ref: StageRef, table_name: str) -> pa.Table:
         path = join(self._dir(ref.stage, ref.branch_id, ref.key), f"{table_name}.parquet")

@@ -119,7 +119,7 @@ def test_quadruples_load_in_pyarrow_pandas_duckdb_and_datasets(built: dict[str, 
     from PIL import Image
 
     version = built["store"].open(built["version_id"])
-    train_path = version.path("data/train.parquet")
+    train_path = version.path("data/train")  # one Parquet part per branch
     table = pq.read_table(train_path)
     for column in (
         "image",
@@ -134,15 +134,18 @@ def test_quadruples_load_in_pyarrow_pandas_duckdb_and_datasets(built: dict[str, 
         assert column in table.column_names
     frame = table.to_pandas()
     assert len(frame) > 0 and (frame["chosen"] != frame["rejected"]).all()
-    relation = duckdb.sql(f"SELECT count(*) FROM '{train_path}'")
+    relation = duckdb.sql(f"SELECT count(*) FROM '{train_path}/*.parquet'")
     assert relation is not None and relation.fetchall() == [(len(frame),)]
     dataset = load_dataset(
-        "parquet", data_files={"train": train_path}, cache_dir=str(built["tmp"] / "hf-cache")
+        "parquet",
+        data_files={"train": f"{train_path}/*.parquet"},
+        cache_dir=str(built["tmp"] / "hf-cache"),
     )["train"]
     first = dataset[0]
     assert isinstance(first["image"], Image.Image)
     assert first["image"].size == (512, 512)
     assert first["question"] == frame["question"][0]
+    assert len(dataset) == len(frame)
 
 
 def test_splits_are_disjoint_by_image(built: dict[str, Any]) -> None:
@@ -172,6 +175,13 @@ def test_a_rerun_with_nothing_changed_sends_no_request(built: dict[str, Any]) ->
     first, second = store.open(built["version_id"]), store.open(built["rerun_id"])
     assert second.manifest["parent"] == built["version_id"]
     assert first.table("pairs").equals(second.table("pairs"))
+    # Nothing changed: every branch's files are the parent's, hard-linked, not copied.
+    assert {b["status"] for b in second.manifest["branches"].values()} == {"reused"}
+    assert second.manifest["rebuilt"] == []
+    for rel in first.manifest["files"]:
+        if rel.endswith(".parquet"):
+            assert Path(first.path(rel)).stat().st_ino == Path(second.path(rel)).stat().st_ino
+    second.verify()
 
 
 def test_the_api_key_is_nowhere_on_disk(built: dict[str, Any]) -> None:

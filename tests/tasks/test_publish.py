@@ -14,6 +14,7 @@ import random
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import yaml
 from hypothesis import given
@@ -24,11 +25,13 @@ from tasks.publish import (
     IMAGE_TYPE,
     QUADRUPLES,
     assign_splits,
+    branch_parts,
     build_quadruples,
     dataset_card,
     hf_features,
     unsafe_rates,
 )
+from vlpref.config import PublishStage
 from vlpref.errors import DataError
 from vlpref.records import (
     FAILURES,
@@ -41,8 +44,10 @@ from vlpref.records import (
     stable_id,
     table,
 )
+from vlpref.store import TABLES, parse_part
 
 FRACTIONS = {"train": 0.6, "validation": 0.2, "test": 0.2}
+STAGE = PublishStage(splits=FRACTIONS, seed=0)
 BRANCHES = (
     ("Representation & ToxicityHarms", "Toxic", "bully"),
     ("Malicious Use", "Security threats", "cyber"),
@@ -207,6 +212,14 @@ def add_question(
 @pytest.fixture(scope="module")
 def tables() -> dict[str, pa.Table]:
     return make_tables()
+
+
+def of_branch(tables: dict[str, pa.Table], index: int) -> dict[str, pa.Table]:
+    """The rows of one branch of `make_tables` (`BRANCHES[index]`); failures go to branch 0."""
+    branch = "/".join(BRANCHES[index])
+    out = {name: tbl.filter(pc.equal(tbl["branch_id"], branch)) for name, tbl in tables.items()}
+    out["failures"] = tables["failures"] if index == 0 else tables["failures"].slice(0, 0)
+    return out
 
 
 def quadruples_of(tables: dict[str, pa.Table], seed: int = 0) -> dict[str, pa.Table]:
@@ -409,10 +422,11 @@ def test_card_front_matter_lists_the_split_files(tables: dict[str, pa.Table]) ->
     (config,) = meta["configs"]
     assert config["config_name"] == "default"
     assert {f["split"]: f["path"] for f in config["data_files"]} == {
-        "test": "data/test.parquet",
-        "train": "data/train.parquet",
-        "validation": "data/validation.parquet",
+        "test": "data/test/*.parquet",
+        "train": "data/train/*.parquet",
+        "validation": "data/validation/*.parquet",
     }
+    assert 'data_files={"train": "data/train/*.parquet"}' in card
 
 
 def test_card_says_how_it_was_built(tables: dict[str, pa.Table]) -> None:
@@ -474,3 +488,59 @@ def test_card_reads_the_flow_manifest_shape(tables: dict[str, pa.Table]) -> None
     assert "| pairs | 30 | 29 | 1 |" in card
     assert "| images | 10 |" in card
     assert "| m1 | 4 | 4 | 0.25 |" in card
+
+
+# --- one branch's parts -------------------------------------------------------------------------
+
+
+def test_branch_parts_paths(tables: dict[str, pa.Table]) -> None:
+    parts = branch_parts("b1", tables, STAGE)
+    assert set(parts) == {
+        *(f"tables/{name}/b1.parquet" for name in TABLES),
+        *(f"data/{split}/b1.parquet" for split in FRACTIONS),
+    }
+    for rel in parts:
+        kind, _, part = parse_part(rel)  # every path is one the store accepts
+        assert (kind, part) == (rel.split("/")[0], "b1")
+    for name in TABLES:
+        assert parts[f"tables/{name}/b1.parquet"] is tables[name]
+    quads = quadruples_of(tables)
+    for split in FRACTIONS:
+        data = parts[f"data/{split}/b1.parquet"]
+        assert data.equals(quads[split])
+        assert data.schema.metadata == quads[split].schema.metadata  # HF features kept
+
+
+def test_branch_parts_leave_out_empty_splits(tables: dict[str, pa.Table]) -> None:
+    stage = PublishStage(splits={"train": 0.5, "tiny": 1e-9, "test": 0.5 - 1e-9})
+    parts = branch_parts("b1", tables, stage)
+    data = sorted(rel for rel in parts if rel.startswith("data/"))
+    assert data == ["data/test/b1.parquet", "data/train/b1.parquet"]
+    assert all(parts[rel].num_rows for rel in data)
+    # A zero fraction is no split at all.
+    zero = branch_parts("b1", tables, PublishStage(splits={"train": 1.0, "test": 0.0}))
+    assert sorted(rel for rel in zero if rel.startswith("data/")) == ["data/train/b1.parquet"]
+    # No pairs: side tables only, no data part.
+    no_pairs = branch_parts("b1", {**tables, "pairs": tables["pairs"].slice(0, 0)}, STAGE)
+    assert set(no_pairs) == {f"tables/{name}/b1.parquet" for name in TABLES}
+
+
+def test_branch_parts_do_not_depend_on_other_branches(tables: dict[str, pa.Table]) -> None:
+    whole = branch_parts("all", tables, STAGE)
+    split_of = {
+        image_id: rel.split("/")[1]
+        for rel, tbl in whole.items()
+        if rel.startswith("data/")
+        for image_id in tbl["image_id"].to_pylist()
+    }
+    rows = 0
+    for index, branch_id in enumerate(("b1", "b2")):
+        parts = branch_parts(branch_id, of_branch(tables, index), STAGE)
+        assert {rel.rsplit("/", 1)[1] for rel in parts} == {f"{branch_id}.parquet"}
+        for rel, tbl in parts.items():
+            if rel.startswith("data/"):
+                split = rel.split("/")[1]
+                assert {split_of[i] for i in tbl["image_id"].to_pylist()} == {split}
+                assert set(tbl["branch_id"].to_pylist()) == {"/".join(BRANCHES[index])}
+                rows += tbl.num_rows
+    assert rows == tables["pairs"].num_rows

@@ -1,0 +1,117 @@
+"""Comparing and describing dataset versions from their manifests (pure functions).
+
+Used by `vlpref versions list | show | diff`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+TABLE_COUNTS = ("images", "questions", "responses", "judgments", "pairs")
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def summary_row(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """One line of `versions list`."""
+    branches = manifest.get("branches", {})
+    statuses: dict[str, int] = {}
+    for branch in branches.values():
+        statuses[branch.get("status", "built")] = statuses.get(branch.get("status", "built"), 0) + 1
+    return {
+        "version": manifest["version_id"],
+        "created": manifest.get("created_at", ""),
+        "parent": manifest.get("parent") or "",
+        "branches": ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())),
+        "pairs": sum(s.get("rows", 0) for s in manifest.get("splits", {}).values()),
+        "models": len(manifest.get("models", [])),
+    }
+
+
+def branch_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per branch: path, status and row counts (for `versions show`)."""
+    rows = []
+    for branch in sorted(manifest.get("branches", {}).values(), key=lambda b: b["path"]):
+        counts = branch.get("rows", {})
+        rows.append(
+            {
+                "branch": branch["path"],
+                "status": branch.get("status", "built"),
+                **{name: counts.get(name, 0) for name in TABLE_COUNTS},
+                "failed": sum(
+                    int(stage["counts"].get("failed", 0))
+                    for stage in branch.get("stages", {}).values()
+                ),
+            }
+        )
+    return rows
+
+
+def _models(manifest: Mapping[str, Any], key: str) -> dict[str, Any]:
+    return {m["name"]: m for m in manifest.get(key, [])}
+
+
+def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """What changed from `old` to `new`: branches, splits, models, judges, prompts, config."""
+    old_branches = {b["path"]: b for b in old.get("branches", {}).values()}
+    new_branches = {b["path"]: b for b in new.get("branches", {}).values()}
+    branches = []
+    for path in sorted(set(old_branches) | set(new_branches)):
+        a, b = old_branches.get(path), new_branches.get(path)
+        if a is None or b is None:
+            branches.append({"branch": path, "change": "added" if a is None else "removed"})
+            continue
+        deltas = {
+            name: b.get("rows", {}).get(name, 0) - a.get("rows", {}).get(name, 0)
+            for name in TABLE_COUNTS
+        }
+        same_data = a.get("publish_key") == b.get("publish_key")
+        if not same_data or any(deltas.values()):
+            branches.append({"branch": path, "change": "rebuilt", **deltas})
+    splits = {}
+    for name in sorted(set(old.get("splits", {})) | set(new.get("splits", {}))):
+        before = old.get("splits", {}).get(name, {}).get("rows", 0)
+        after = new.get("splits", {}).get(name, {}).get("rows", 0)
+        splits[name] = {"old": before, "new": after, "delta": after - before}
+
+    def model_changes(key: str) -> dict[str, list[str]]:
+        a, b = _models(old, key), _models(new, key)
+        return {
+            "added": sorted(set(b) - set(a)),
+            "removed": sorted(set(a) - set(b)),
+            "changed": sorted(n for n in set(a) & set(b) if a[n] != b[n]),
+        }
+
+    old_prompts, new_prompts = old.get("prompts", {}), new.get("prompts", {})
+    old_stages, new_stages = flatten(old.get("stages", {})), flatten(new.get("stages", {}))
+    return {
+        "old": old["version_id"],
+        "new": new["version_id"],
+        "branches": branches,
+        "splits": splits,
+        "models": model_changes("models"),
+        "judges": model_changes("judges"),
+        "generator_changed": old.get("generator") != new.get("generator"),
+        "prompts_changed": sorted(
+            n
+            for n in set(old_prompts) | set(new_prompts)
+            if old_prompts.get(n) != new_prompts.get(n)
+        ),
+        "config_changed": old.get("config_hash") != new.get("config_hash"),
+        "settings": {
+            key: {"old": old_stages.get(key), "new": new_stages.get(key)}
+            for key in sorted(set(old_stages) | set(new_stages))
+            if old_stages.get(key) != new_stages.get(key)
+        },
+        "taxonomy_changed": old.get("taxonomy", {}).get("hash")
+        != new.get("taxonomy", {}).get("hash"),
+    }
