@@ -23,17 +23,36 @@ REPO = Path(__file__).resolve().parent.parent
 PERSONAS = ["refuser", "safe-helpful", "over-compliant", "jailbroken", "mixed"]
 
 
-def config(root: Path, base_url: str, taxonomy: str, per_branch: int, models: list[str], **stages: Any) -> str:
+def config(
+    root: Path, base_url: str, taxonomy: str, per_branch: int, models: list[str], **stages: Any
+) -> str:
     data = {
         "name": "rerun-costs",
         "taxonomy": str(REPO / taxonomy),
         "workspace": str(root / "ws"),
         "store": str(root / "store"),
         "endpoints": {"sim": {"kind": "openai", "base_url": base_url, "concurrency": 64}},
-        "models": [{"name": m, "endpoint": "sim", "model": f"sim-{m}", "sampling": {"temperature": 0.7}} for m in models],
-        "generator": {"name": "gen", "endpoint": "sim", "model": "sim-judge", "sampling": {"temperature": 0.8}},
-        "judges": [{"name": "judge", "endpoint": "sim", "model": "sim-judge", "sampling": {"temperature": 0, "logprobs": True, "top_logprobs": 5}}],
-        "stages": {"images": {"source": {"kind": "typographic", "per_branch": per_branch}, **stages}},
+        "models": [
+            {"name": m, "endpoint": "sim", "model": f"sim-{m}", "sampling": {"temperature": 0.7}}
+            for m in models
+        ],
+        "generator": {
+            "name": "gen",
+            "endpoint": "sim",
+            "model": "sim-judge",
+            "sampling": {"temperature": 0.8},
+        },
+        "judges": [
+            {
+                "name": "judge",
+                "endpoint": "sim",
+                "model": "sim-judge",
+                "sampling": {"temperature": 0, "logprobs": True, "top_logprobs": 5},
+            }
+        ],
+        "stages": {
+            "images": {"source": {"kind": "typographic", "per_branch": per_branch}, **stages}
+        },
     }
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -50,7 +69,12 @@ def main() -> None:
 
     sims = {f"sim-{p}": {"persona": p} for p in [*PERSONAS, "judge"]}
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, PrefectServer(Path(tmp) / "prefect") as server, server.as_current(), SimServer({"models": sims}) as sim:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        PrefectServer(Path(tmp) / "prefect") as server,
+        server.as_current(),
+        SimServer({"models": sims}) as sim,
+    ):
         root = Path(tmp)
         models = PERSONAS[:4]
 
@@ -64,16 +88,31 @@ def main() -> None:
         measure("full build", base)
         measure("no-change rerun", base)
         measure("one-branch rerun, unchanged", base, [args.branch])
-        changed = config(root, sim.base_url, args.taxonomy, args.per_branch, models, overrides={args.branch: {"kind": "typographic", "per_branch": args.per_branch + 2}})
+        changed = config(
+            root,
+            sim.base_url,
+            args.taxonomy,
+            args.per_branch,
+            models,
+            overrides={args.branch: {"kind": "typographic", "per_branch": args.per_branch + 2}},
+        )
         measure("one-branch rerun, branch changed (+2 images)", changed, [args.branch])
-        added = config(root, sim.base_url, args.taxonomy, args.per_branch, [*models, PERSONAS[4]], overrides={args.branch: {"kind": "typographic", "per_branch": args.per_branch + 2}})
+        added = config(
+            root,
+            sim.base_url,
+            args.taxonomy,
+            args.per_branch,
+            [*models, PERSONAS[4]],
+            overrides={args.branch: {"kind": "typographic", "per_branch": args.per_branch + 2}},
+        )
         measure("add a response model", added)
     full_s, full_r = rows[0][1], rows[0][2]
     print(f"# rerun costs ({args.taxonomy}, {args.per_branch} images per branch, sim at 0 ms)\n")
     print("| run | seconds | vs full | requests | vs full |")
     print("|---|---:|---:|---:|---:|")
     for label, seconds, requests in rows:
-        print(f"| {label} | {seconds:.2f} | {seconds / full_s:.0%} | {requests:,} | {requests / full_r:.1%} |")
+        share_s, share_r = seconds / full_s, requests / full_r
+        print(f"| {label} | {seconds:.2f} | {share_s:.0%} | {requests:,} | {share_r:.1%} |")
 
 
 if __name__ == "__main__":
