@@ -10,13 +10,14 @@ off (our keys are exact and cheaper). Whole-task failures are retried by Prefect
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture, as_completed, wait
 
 from flows import progress
 from vlpref.config import RunConfig, load_config
@@ -90,6 +91,13 @@ def _reuse_or_run(workspace: Workspace, stage: str, branch_id: str, key: str) ->
     return found
 
 
+def _finish(
+    workspace: Workspace, output: Any, key: str, tables: dict[str, Any], started: float
+) -> StageRef:
+    output.extra["elapsed_s"] = round(time.perf_counter() - started, 3)
+    return _done(workspace.write(output, key, tables))
+
+
 def _done(ref: StageRef) -> StageRef:
     get_run_logger().info("%s/%s: %s", ref.stage, ref.branch_id, ref.counts)
     progress.notify(ref.stage, ref.branch_id, ref.counts)
@@ -100,19 +108,19 @@ def _done(ref: StageRef) -> StageRef:
 def images_task(config: RunConfig, leaf: Subcategory) -> StageRef:
     from tasks.images import collect_images
 
-    workspace = Workspace(config.workspace)
+    workspace, started = Workspace(config.workspace), time.perf_counter()
     key = images_key(config, leaf)
     if found := _reuse_or_run(workspace, "images", leaf.branch_id, key):
         return found
     output = collect_images(leaf, config.stages.images, base_dir=_base_dir(config))
-    return _done(workspace.write(output, key, {"images": output.rows}))
+    return _finish(workspace, output, key, {"images": output.rows}, started)
 
 
 @task(name="questions", **TASK_OPTIONS)
 def questions_task(config: RunConfig, leaf: Subcategory, images: StageRef) -> StageRef:
     from tasks.questions import generate_questions
 
-    workspace = Workspace(config.workspace)
+    workspace, started = Workspace(config.workspace), time.perf_counter()
     key = stage_key(
         "questions",
         images.key,
@@ -127,7 +135,7 @@ def questions_task(config: RunConfig, leaf: Subcategory, images: StageRef) -> St
         output = generate_questions(leaf, workspace.read(images, "images"), config, journal)
     finally:
         journal.close()
-    return _done(workspace.write(output, key, {"questions": output.rows}))
+    return _finish(workspace, output, key, {"questions": output.rows}, started)
 
 
 @task(name="responses", **TASK_OPTIONS)
@@ -136,7 +144,7 @@ def responses_task(
 ) -> StageRef:
     from tasks.responses import collect_responses
 
-    workspace = Workspace(config.workspace)
+    workspace, started = Workspace(config.workspace), time.perf_counter()
     key = stage_key(
         "responses",
         questions.key,
@@ -156,7 +164,7 @@ def responses_task(
         )
     finally:
         journal.close()
-    return _done(workspace.write(output, key, {"responses": output.rows}))
+    return _finish(workspace, output, key, {"responses": output.rows}, started)
 
 
 @task(name="judge", **TASK_OPTIONS)
@@ -165,7 +173,7 @@ def judge_task(
 ) -> StageRef:
     from tasks.judge import judge_responses
 
-    workspace = Workspace(config.workspace)
+    workspace, started = Workspace(config.workspace), time.perf_counter()
     key = stage_key(
         "judge",
         responses.key,
@@ -188,7 +196,7 @@ def judge_task(
         )
     finally:
         journal.close()
-    return _done(workspace.write(output, key, {"judgments": output.rows}))
+    return _finish(workspace, output, key, {"judgments": output.rows}, started)
 
 
 @task(name="pairs", **TASK_OPTIONS)
@@ -197,7 +205,7 @@ def pairs_task(
 ) -> StageRef:
     from tasks.pairs import select_branch_pairs
 
-    workspace = Workspace(config.workspace)
+    workspace, started = Workspace(config.workspace), time.perf_counter()
     key = stage_key("pairs", judge.key, config.stages.pairs.model_dump(mode="json"))
     if found := _reuse_or_run(workspace, "pairs", leaf.branch_id, key):
         return found
@@ -208,7 +216,7 @@ def pairs_task(
         workspace.read(judge, "judgments"),
         config,
     )
-    return _done(workspace.write(output, key, {"pairs": output.rows, "rankings": rankings}))
+    return _finish(workspace, output, key, {"pairs": output.rows, "rankings": rankings}, started)
 
 
 def submit_branch(config: RunConfig, leaf: Subcategory) -> dict[str, PrefectFuture[StageRef]]:
@@ -244,6 +252,27 @@ def submit_branch(config: RunConfig, leaf: Subcategory) -> dict[str, PrefectFutu
 STAGES = ("images", "questions", "responses", "judge", "pairs")
 
 
+def run_branches(
+    config: RunConfig, leaves: list[Subcategory]
+) -> dict[str, dict[str, PrefectFuture[StageRef]]]:
+    """Submit every branch's chain, keeping at most `parallel_branches` chains in flight: the
+    model service keeps every endpoint busy with a few branches, and each branch in flight holds
+    its requests and rows in memory. Returns when every chain has finished."""
+    pending = list(reversed(leaves))
+    branches: dict[str, dict[str, PrefectFuture[StageRef]]] = {}
+    in_flight: list[PrefectFuture[StageRef]] = []
+    while pending or in_flight:
+        while pending and len(in_flight) < config.parallel_branches:
+            leaf = pending.pop()
+            futures = submit_branch(config, leaf)
+            branches[leaf.branch_id] = futures
+            in_flight.append(futures["pairs"])
+        finished = next(as_completed(in_flight))
+        in_flight.remove(finished)
+    wait([f for futures in branches.values() for f in futures.values()])
+    return branches
+
+
 @flow(name="build-dataset", log_prints=True)
 def build_dataset(config: str, only: list[str] | None = None) -> str:
     """Build one dataset version from the run config at `config` (a path); `only` limits the run
@@ -256,8 +285,7 @@ def build_dataset(config: str, only: list[str] | None = None) -> str:
     if selected is not None and not selected:
         raise ConfigError("`only` is empty: name at least one taxonomy path prefix to rebuild")
     leaves = taxonomy.select(selected)
-    branches = {leaf.branch_id: submit_branch(run_config, leaf) for leaf in leaves}
-    wait([f for futures in branches.values() for f in futures.values()])
+    branches = run_branches(run_config, leaves)
     refs: dict[str, dict[str, StageRef]] = {}
     failed: list[str] = []
     for branch_id, futures in branches.items():

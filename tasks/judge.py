@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,20 +129,18 @@ def judge_responses(
             "branch_id": branch_id,
         }
 
-    calls: list[_Call] = []
-    for judge in config.judges:
+    # Calls are made lazily, a chunk at a time, as the model service pulls them.
+    def pointwise_calls(judge: ModelEntry) -> Iterator[_Call]:
         for r in response_rows:
             question = question_rows[r["question_id"]]["text"]
             if stage.safety:
                 text = safety_prompt.render(question=question, response=r["text"])
-                calls.append(
-                    _Call(
-                        f"safety\x1f{judge.name}\x1f{r['response_id']}",
-                        judge,
-                        (Message.user(image_of(r), text),),
-                        safety_prompt.version,
-                        _safety_parser(base_row, judge, r["response_id"]),
-                    )
+                yield _Call(
+                    f"safety\x1f{judge.name}\x1f{r['response_id']}",
+                    judge,
+                    (Message.user(image_of(r), text),),
+                    safety_prompt.version,
+                    _safety_parser(base_row, judge, r["response_id"]),
                 )
             if aspects:
                 text = rating_prompt.render(
@@ -152,18 +150,23 @@ def judge_responses(
                     aspects=", ".join(aspects),
                     aspect_lines=aspect_lines,
                 )
-                calls.append(
-                    _Call(
-                        f"rating\x1f{judge.name}\x1f{r['response_id']}",
-                        judge,
-                        (Message.user(image_of(r), text),),
-                        rating_prompt.version,
-                        _rating_parser(base_row, judge, r["response_id"], aspects),
-                    )
+                yield _Call(
+                    f"rating\x1f{judge.name}\x1f{r['response_id']}",
+                    judge,
+                    (Message.user(image_of(r), text),),
+                    rating_prompt.version,
+                    _rating_parser(base_row, judge, r["response_id"], aspects),
                 )
+
     stats = BatchStats()
-    rows, failures = _run_calls(calls, config, journal, service, stage.max_attempts, stats)
-    n_calls, n_ok = len(calls), len(calls) - len(failures)
+    rows, failures, n_calls = _run_calls(
+        {j.name: pointwise_calls(j) for j in config.judges},
+        config,
+        journal,
+        service,
+        stage.max_attempts,
+        stats,
+    )
 
     if stage.pairwise and stage.max_pairs_per_question > 0:
         candidates = candidates_from_judgments(response_rows, rows)
@@ -172,41 +175,45 @@ def judge_responses(
             config.stages.pairs.safety_groups,
         )
         weights = score_weights(config.stages.pairs, stage)
-        pair_calls: list[_Call] = []
-        for question_id, cands in sorted(candidates.items()):
-            question = question_rows[question_id]["text"]
-            pairs = candidate_pairs(
-                question_id,
-                cands,
-                groups,
-                config.stages.pairs,
-                max_pairs=stage.max_pairs_per_question,
-                weights=weights,
-            )
-            for x, y in pairs:
-                for first, second in ((x, y), (y, x)):
-                    text = pairwise_prompt.render(
-                        question=question,
-                        response_a=by_id[first]["text"],
-                        response_b=by_id[second]["text"],
-                    )
-                    for judge in config.judges:
-                        pair_calls.append(
-                            _Call(
-                                f"pairwise\x1f{judge.name}\x1f{first}\x1f{second}",
-                                judge,
-                                (Message.user(image_of(by_id[first]), text),),
-                                pairwise_prompt.version,
-                                _pairwise_parser(base_row, judge, first, second),
-                            )
+
+        def pairwise_calls(judge: ModelEntry) -> Iterator[_Call]:
+            for question_id, cands in sorted(candidates.items()):
+                question = question_rows[question_id]["text"]
+                pairs = candidate_pairs(
+                    question_id,
+                    cands,
+                    groups,
+                    config.stages.pairs,
+                    max_pairs=stage.max_pairs_per_question,
+                    weights=weights,
+                )
+                for x, y in pairs:
+                    for first, second in ((x, y), (y, x)):
+                        text = pairwise_prompt.render(
+                            question=question,
+                            response_a=by_id[first]["text"],
+                            response_b=by_id[second]["text"],
                         )
-        pair_rows, pair_failures = _run_calls(
-            pair_calls, config, journal, service, stage.max_attempts, stats
+                        yield _Call(
+                            f"pairwise\x1f{judge.name}\x1f{first}\x1f{second}",
+                            judge,
+                            (Message.user(image_of(by_id[first]), text),),
+                            pairwise_prompt.version,
+                            _pairwise_parser(base_row, judge, first, second),
+                        )
+
+        pair_rows, pair_failures, n_pair_calls = _run_calls(
+            {j.name: pairwise_calls(j) for j in config.judges},
+            config,
+            journal,
+            service,
+            stage.max_attempts,
+            stats,
         )
         rows.extend(pair_rows)
         failures.extend(pair_failures)
-        n_calls += len(pair_calls)
-        n_ok += len(pair_calls) - len(pair_failures)
+        n_calls += n_pair_calls
+    n_ok = n_calls - len(failures)
 
     rows.sort(
         key=lambda r: (
@@ -274,40 +281,45 @@ def _pairwise_parser(
 
 
 def _run_calls(
-    calls: list[_Call],
+    calls_by_judge: Mapping[str, Iterable[_Call]],
     config: RunConfig,
     journal: Journal | None,
     service: ModelService,
     max_attempts: int,
     stats: BatchStats,
-) -> tuple[Parsed, list[FailureRow]]:
+) -> tuple[Parsed, list[FailureRow], int]:
     """Ask every call, re-asking unparseable answers with a new seed; one failure per call that
-    never produced a parseable answer."""
+    never produced a parseable answer. Returns (rows, failures, number of calls)."""
     judges = {j.name: j for j in config.judges}
     rows: Parsed = []
-    pending = {c.call_id: c for c in calls}
+    live: dict[str, _Call] = {}  # calls in flight
     last_error: dict[str, tuple[str, str]] = {}
     tries: dict[str, int] = defaultdict(int)
-    for attempt in range(max_attempts):
-        if not pending:
-            break
-        by_judge: dict[str, list[ChatRequest]] = defaultdict(list)
-        for call in pending.values():
-            by_judge[call.judge.name].append(
-                ChatRequest(
-                    id=call.call_id,
-                    model=call.judge.model,
-                    messages=call.messages,
-                    params=retry_params(call.judge.sampling.to_params(), attempt),
-                    prompt_version=call.prompt_version,
-                )
+    planned = 0
+
+    def requests(calls: Iterable[_Call], attempt: int) -> Iterator[ChatRequest]:
+        nonlocal planned
+        for call in calls:
+            planned += attempt == 0
+            live[call.call_id] = call
+            yield ChatRequest(
+                id=call.call_id,
+                model=call.judge.model,
+                messages=call.messages,
+                params=retry_params(call.judge.sampling.to_params(), attempt),
+                prompt_version=call.prompt_version,
             )
+
+    todo: Mapping[str, Iterable[_Call]] = calls_by_judge
+    for attempt in range(max_attempts):
+        retry: dict[str, list[_Call]] = defaultdict(list)
         batches = [
-            (provider_for(config, judges[name], service), reqs) for name, reqs in by_judge.items()
+            (provider_for(config, judges[name], service), requests(calls, attempt))
+            for name, calls in todo.items()
         ]
         for result in service.run(batches, journal, stats):
             call_id = result.request.id
-            call = pending[call_id]
+            call = live.pop(call_id)
             tries[call_id] += max(result.attempts, 1)
             if not result.ok or not result.samples:
                 failure = result.failure
@@ -315,16 +327,18 @@ def _run_calls(
                     failure.kind if failure else "missing",
                     f"{failure.kind}: {failure.message}" if failure else "no sample returned",
                 )
-                pending.pop(call_id)  # the provider already retried what retrying can fix
-                continue
+                continue  # the provider already retried what retrying can fix
             try:
                 rows.extend(call.parse(result.samples[0]))
-                pending.pop(call_id)
                 last_error.pop(call_id, None)
             except JudgeParseError as exc:
                 last_error[call_id] = ("unparseable", str(exc))
+                retry[call.judge.name].append(call)
+        if not retry:
+            break
+        todo = retry
     failures = [
         FailureRow(call_id.replace("\x1f", ":"), kind, reason, tries[call_id])
         for call_id, (kind, reason) in last_error.items()
     ]
-    return rows, failures
+    return rows, failures, planned

@@ -9,7 +9,7 @@ Accounting unit: response samples (questions x models x n). in = out + failed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -41,35 +41,34 @@ def collect_responses(
     prompt = load_prompt("response", config.prompts_dir)
     image_rows = {r["image_id"]: r for r in images.to_pylist()}
     question_rows = questions.to_pylist()
-    by_request: dict[str, tuple[Mapping[str, Any], ModelEntry]] = {}
-    batches = []
-    for entry in config.models:
+    # Requests are made lazily, a chunk at a time, as the model service pulls them; `live` holds
+    # only those in flight.
+    live: dict[str, tuple[Mapping[str, Any], ModelEntry]] = {}
+
+    def requests_for(entry: ModelEntry) -> Iterator[ChatRequest]:
         params = entry.sampling.to_params()
-        requests = []
         for q in question_rows:
             request_id = f"{entry.name}\x1f{q['question_id']}"
-            by_request[request_id] = (q, entry)
-            requests.append(
-                ChatRequest(
-                    id=request_id,
-                    model=entry.model,
-                    messages=(
-                        Message.user(
-                            image_part(image_rows[q["image_id"]]), prompt.render(question=q["text"])
-                        ),
-                    ),
-                    params=params,
-                    prompt_version=prompt.version,
-                )
+            live[request_id] = (q, entry)
+            text = prompt.render(question=q["text"])
+            yield ChatRequest(
+                id=request_id,
+                model=entry.model,
+                messages=(Message.user(image_part(image_rows[q["image_id"]]), text),),
+                params=params,
+                prompt_version=prompt.version,
             )
-        batches.append((provider_for(config, entry, service), requests))
+
+    batches = [
+        (provider_for(config, entry, service), requests_for(entry)) for entry in config.models
+    ]
 
     rows: list[dict[str, Any]] = []
     failures: list[FailureRow] = []
     stats = BatchStats()
     n_in = sum(len(question_rows) * m.sampling.n for m in config.models)
     for result in service.run(batches, journal, stats):
-        question, entry = by_request[result.request.id]
+        question, entry = live.pop(result.request.id)
         n = result.request.params.n
         got = {s.index: s for s in result.samples}
         for idx in range(n):

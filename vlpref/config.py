@@ -207,6 +207,9 @@ class RunConfig(_Strict):
         default=None, description="folder of prompt templates; the shipped prompts/ by default"
     )
     only: tuple[str, ...] = ()
+    parallel_branches: int = Field(
+        default=8, ge=1, description="branches in flight at once (bounds memory, not speed)"
+    )
     source_file: str | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -235,7 +238,7 @@ class RunConfig(_Strict):
     def content_hash(self) -> str:
         """Hash of everything that shapes the dataset (not where files live)."""
         payload = self.model_dump(
-            mode="json", exclude={"workspace", "store", "only", "source_file"}
+            mode="json", exclude={"workspace", "store", "only", "parallel_branches", "source_file"}
         )
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()

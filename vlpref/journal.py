@@ -18,7 +18,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -81,20 +81,43 @@ class JournalEntry:
         )
 
 
+_KEY_PREFIX = b'{"k":"'
+
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """Where an entry's line is: a segment file and a byte range, or still in the write buffer."""
+
+    segment: str
+    offset: int
+    length: int
+    line_number: int
+
+
 class Journal:
-    """An append-only, key-addressed store of samples under one directory (local or fsspec)."""
+    """An append-only, key-addressed store of samples under one directory (local or fsspec).
+
+    Memory holds only where each key's line is (segment, byte range), not the entries: a branch's
+    judge journal at SPA-VL scale has tens of thousands of answers with token logprobs, and a run
+    keeps several open. `get` reads and parses the one line it needs.
+    """
 
     def __init__(self, location: str, *, flush_every: int = 256) -> None:
         self.location = location
         self.fs: AbstractFileSystem
         self.fs, self.root = resolve(location)
         self.flush_every = flush_every
-        self._index: dict[str, JournalEntry] = {}
+        self._index: dict[str, _Where] = {}
         self._segment_name = (
             f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         )
-        self._handle: IO[str] | None = None
-        self._buffer: list[str] = []
+        self._handle: IO[bytes] | None = None
+        self._own_path = ""
+        self._own_size = 0
+        self._own_lines = 0
+        self._buffer: list[bytes] = []
+        self._buffered: dict[str, bytes] = {}  # object stores: lines not yet written as a part
+        self._readers: dict[str, IO[bytes]] = {}
         self._parts_written = 0
         self.torn_lines = 0  # last lines cut short by a crash, skipped on load
         self.appended = 0
@@ -111,79 +134,121 @@ class Journal:
 
     def _load(self) -> None:
         for segment in self._segments():
-            for entry in self._read_segment(segment):
-                # First writer wins: duplicates can only come from two runs racing on one key,
-                # and either answer is valid; keeping the first makes reads deterministic.
-                self._index.setdefault(entry.key, entry)
+            with self.fs.open(segment, "rb") as handle:
+                data = handle.read()
+            self._index_segment(segment, data)
 
-    def _read_segment(self, segment: str) -> Iterator[JournalEntry]:
-        with self.fs.open(segment, "rb") as handle:
-            data = handle.read()
-        lines = data.split(b"\n")
-        last = len(lines) - 1
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield JournalEntry.from_record(json.loads(line))
-            except (ValueError, KeyError, TypeError) as exc:
-                if number - 1 == last:  # no newline after it: the write was cut by a crash
-                    self.torn_lines += 1
-                    continue
-                raise JournalError(
-                    f"{segment}: line {number}: not a journal entry ({exc})"
-                ) from exc
+    def _index_segment(self, segment: str, data: bytes) -> None:
+        offset, number = 0, 0
+        size = len(data)
+        while offset < size:
+            end = data.find(b"\n", offset)
+            torn = end == -1
+            line_end = size if torn else end
+            number += 1
+            line = data[offset:line_end]
+            if line.strip():
+                key = self._key_of(line, segment, number, last=torn)
+                if key is not None:
+                    # First writer wins: duplicates only come from two runs racing on one key,
+                    # and either answer is valid; keeping the first makes reads deterministic.
+                    self._index.setdefault(key, _Where(segment, offset, len(line), number))
+            offset = line_end + 1
+
+    def _key_of(self, line: bytes, segment: str, number: int, *, last: bool) -> str | None:
+        """The key of a line, cheaply: our writer puts `"k"` first. A line without a newline is
+        the crash case (skipped); anything else that is not an entry is an error."""
+        if not last and line.startswith(_KEY_PREFIX) and line.endswith(b"}"):
+            end = line.find(b'"', len(_KEY_PREFIX))
+            if end > 0:
+                return line[len(_KEY_PREFIX) : end].decode("ascii")
+        try:
+            return JournalEntry.from_record(json.loads(line)).key
+        except (ValueError, KeyError, TypeError) as exc:
+            if last:
+                self.torn_lines += 1
+                return None
+            raise JournalError(f"{segment}: line {number}: not a journal entry ({exc})") from exc
 
     def __contains__(self, key: object) -> bool:
-        return key in self._index
+        return key in self._index or key in self._buffered
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._index) + len(self._buffered)
 
     def get(self, key: str) -> JournalEntry | None:
-        return self._index.get(key)
+        buffered = self._buffered.get(key)
+        if buffered is not None:
+            return JournalEntry.from_record(json.loads(buffered))
+        where = self._index.get(key)
+        if where is None:
+            return None
+        reader = self._readers.get(where.segment)
+        if reader is None:
+            reader = self.fs.open(where.segment, "rb")
+            self._readers[where.segment] = reader
+        reader.seek(where.offset)
+        line = reader.read(where.length)
+        try:
+            return JournalEntry.from_record(json.loads(line))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JournalError(
+                f"{where.segment}: line {where.line_number}: not a journal entry ({exc})"
+            ) from exc
 
     def keys(self) -> Iterable[str]:
-        return self._index.keys()
+        return [*self._index, *self._buffered]
 
     # -- writing -------------------------------------------------------------------------------
 
     def append(self, entries: Iterable[JournalEntry]) -> None:
         """Record entries (idempotent per key) and make them durable against a process kill."""
-        lines = []
+        lines: list[tuple[str, bytes]] = []
+        seen: set[str] = set()
         for entry in entries:
-            if entry.key in self._index:
+            if entry.key in self or entry.key in seen:
                 continue
-            self._index[entry.key] = entry
-            lines.append(entry.to_json() + "\n")
+            seen.add(entry.key)
+            lines.append((entry.key, entry.to_json().encode("utf-8") + b"\n"))
         if not lines:
             return
         self.appended += len(lines)
         if is_local(self.fs):
             handle = self._local_handle()
-            handle.write("".join(lines))
+            handle.write(b"".join(line for _, line in lines))
             handle.flush()  # into the OS: survives SIGKILL of this process
+            for key, line in lines:
+                self._own_lines += 1
+                self._index[key] = _Where(
+                    self._own_path, self._own_size, len(line) - 1, self._own_lines
+                )
+                self._own_size += len(line)
+            self._readers.pop(self._own_path, None)  # a reader opened earlier may be stale
         else:
-            self._buffer.extend(lines)
-            if len(self._buffer) >= self.flush_every:
+            for key, line in lines:
+                self._buffered[key] = line
+            if len(self._buffered) >= self.flush_every:
                 self._write_part()
 
-    def _local_handle(self) -> IO[str]:
+    def _local_handle(self) -> IO[bytes]:
         if self._handle is None:
             self.fs.makedirs(self.root, exist_ok=True)
-            path = join(self.root, self._segment_name + SEGMENT_SUFFIX)
-            self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._own_path = join(self.root, self._segment_name + SEGMENT_SUFFIX)
+            self._handle = open(self._own_path, "ab")  # noqa: SIM115 - closed in close()
         return self._handle
 
     def _write_part(self) -> None:
-        if not self._buffer:
+        if not self._buffered:
             return
         self.fs.makedirs(self.root, exist_ok=True)
         name = f"{self._segment_name}-{self._parts_written:06d}{SEGMENT_SUFFIX}"
-        with self.fs.open(join(self.root, name), "wb") as handle:
-            handle.write("".join(self._buffer).encode("utf-8"))
+        path = join(self.root, name)
+        data = b"".join(self._buffered.values())
+        with self.fs.open(path, "wb") as handle:
+            handle.write(data)
         self._parts_written += 1
-        self._buffer.clear()
+        self._buffered.clear()
+        self._index_segment(path, data)
 
     def flush(self) -> None:
         if self._handle is not None:
@@ -195,6 +260,9 @@ class Journal:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
     def __enter__(self) -> Journal:
         return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -65,20 +66,34 @@ class ModelService:
 
     def run(
         self,
-        batches: Iterable[tuple[Provider, list[ChatRequest]]],
+        batches: Iterable[tuple[Provider, Iterable[ChatRequest]]],
         journal: Journal | None,
         stats: BatchStats | None = None,
+        *,
+        chunk_size: int = 2048,
     ) -> Iterator[ChatResult]:
         """Run batches (each on its provider) concurrently; yield results in this thread as they
-        arrive. The journal is written from the service loop, as results arrive."""
+        arrive. The journal is written from the service loop, as results arrive.
+
+        Requests are pulled from each batch lazily, `chunk_size` at a time, and a new chunk starts
+        only once the caller has taken most of the previous chunk's results: memory holds a few
+        chunks of requests and results however large the batch (a branch of a SPA-VL-sized run
+        has tens of thousands of judge calls)."""
         results: queue.Queue[object] = queue.Queue()
-        batch_list = [(p, reqs) for p, reqs in batches if reqs]
+        batch_list = list(batches)
         if not batch_list:
             return
 
-        async def pump(provider: Provider, requests: list[ChatRequest]) -> None:
-            async for result in run_requests(provider, requests, journal, stats):
-                results.put(result)
+        async def pump(provider: Provider, requests: Iterable[ChatRequest]) -> None:
+            iterator = iter(requests)
+            while chunk := list(itertools.islice(iterator, chunk_size)):
+                async for result in run_requests(provider, chunk, journal, stats):
+                    results.put(result)
+                # Backpressure: let the caller catch up before asking for more. The caller is
+                # another thread reading a queue.Queue, so polling is simpler than an Event it
+                # would have to set through the loop for every result.
+                while results.qsize() > chunk_size:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
 
         async def pump_all() -> None:
             try:
