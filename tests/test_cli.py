@@ -104,3 +104,51 @@ def test_versions_commands_list_show_and_diff(tmp_path: Path) -> None:
     assert "pairs.policy" in diffed.stdout
     missing = run("versions", "show", "20990101T000000.000000Z-00000000", "--store", store.location)
     assert missing.returncode == 2 and "no complete version" in missing.stderr
+
+
+def test_run_builds_a_version_with_progress(tmp_path: Path, prefect_server: str) -> None:
+    """`vlpref run` end to end in a subprocess (sim server, the session's Prefect server)."""
+    import yaml
+
+    from vlpref.sim.testing import SimServer
+
+    repo = Path(__file__).resolve().parents[1]
+    with SimServer(
+        {
+            "models": {
+                "sim-refuser": {"persona": "refuser"},
+                "sim-jailbroken": {"persona": "jailbroken"},
+                "sim-judge": {"persona": "judge"},
+            }
+        }
+    ) as sim:
+        config = {
+            "name": "cli-run",
+            "taxonomy": str(repo / "taxonomy" / "demo.yaml"),
+            "workspace": "ws",
+            "store": "store",
+            "endpoints": {"sim": {"kind": "openai", "base_url": sim.base_url}},
+            "models": [
+                {"name": "refuser", "endpoint": "sim", "model": "sim-refuser"},
+                {"name": "jailbroken", "endpoint": "sim", "model": "sim-jailbroken"},
+            ],
+            "generator": {"name": "gen", "endpoint": "sim", "model": "sim-judge"},
+            "judges": [{"name": "judge", "endpoint": "sim", "model": "sim-judge"}],
+            "stages": {"images": {"source": {"kind": "typographic", "per_branch": 1}}},
+        }
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = subprocess.run(
+            [*VLPREF, "run", str(path), "--only", "Malicious Use"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dataset version" in proc.stdout
+    assert "judge" in proc.stderr  # the progress bars, one per stage
+    from vlpref.store import Store
+
+    (version,) = Store(str(tmp_path / "store")).list_versions()
+    manifest = Store(str(tmp_path / "store")).open(version.version_id).manifest
+    assert {b["path"].split("/")[0] for b in manifest["branches"].values()} == {"Malicious Use"}
