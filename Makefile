@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv test lint typecheck unit demo clean
+.PHONY: venv test lint typecheck unit demo clean bench bench-peers test-vllm
 
 venv: $(STAMP)
 
@@ -37,5 +37,33 @@ test: lint typecheck unit
 demo: $(STAMP)
 	$(BIN)/python -m vlpref.demo
 
+# The vLLM tier: a real vLLM (CPU build) in its own environment, serving a tiny random model built
+# locally (no download). .ci/vllm_venv.py says what the environment holds and why; the README's
+# vLLM section says what the tier checks. The model is rebuilt only when missing.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat pyproject.toml .ci/vllm_venv.py | cksum | cut -d' ' -f1)
+TINY_VLM   := .cache/vlpref-tiny-vlm
+
+$(VLLM_STAMP): pyproject.toml .ci/vllm_venv.py
+	@test -n "$(PYTHON)" || { echo "error: python3.11 not found" >&2; exit 1; }
+	$(PYTHON) .ci/vllm_venv.py $(VLLM_VENV)
+	rm -f $(VLLM_VENV)/.installed-*
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python tests_vllm/build_tiny_model.py $(TINY_VLM)
+	VLPREF_TINY_VLM=$(TINY_VLM) $(VLLM_VENV)/bin/python -m pytest -c tests_vllm/pytest.ini --rootdir . --durations=5 tests_vllm
+
+# Client throughput against the simulated server, written to bench/results/YYYY-MM-DD-client.md.
+# Not part of `make test`. bench-peers adds curator and distilabel, each in a venv of its own
+# under bench/.venvs/ (created on first use).
+bench: $(STAMP)
+	@$(BIN)/python -c "import pyinstrument" 2>/dev/null || $(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench
+
+bench-peers: $(STAMP)
+	@$(BIN)/python -c "import pyinstrument" 2>/dev/null || $(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench --peers
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,47 +1,38 @@
-"""Client throughput against the simulated server: vlpref's provider vs bare loops, same run.
+"""The in-process client variants of the throughput benchmark (run them with `python -m bench`).
 
-    python -m bench.client_throughput [--requests 2000] [--concurrency 64] [--repeats 3]
-
-Every variant sends the same requests to the same sim server process (a separate process, so the
-client has a core of its own) at zero latency and at 50 ms; each figure is the median of
-`--repeats` runs, and every ratio is taken against the bare loops measured in this same run.
+Each variant sends `count` chat completions (the same bodies) to the sim's `model` with at most
+`concurrency` in flight, and returns how many answers came back. They run in this process, in
+the main virtual environment; the peers (curator, distilabel) run in their own, through the
+drivers in `bench/peers/`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Coroutine
-from importlib.metadata import version
 from typing import Any
 
 import aiohttp
+import httpx2
 import openai
 
 from vlpref.chat import ChatRequest, Message, SamplingParams
 from vlpref.journal import Journal
 from vlpref.providers import create_provider
 from vlpref.runner import run_requests
-from vlpref.sim.testing import SimServer
 
-SIM = {
-    "models": {
-        "fast": {"persona": "echo", "latency": {"kind": "constant", "ms": 0}},
-        "slow": {"persona": "echo", "latency": {"kind": "constant", "ms": 50}},
-    }
-}
+MAX_TOKENS = 32
 Runner = Callable[[str, str, int, int], Coroutine[Any, Any, int]]
 
 
 def body(i: int) -> list[dict[str, Any]]:
+    """The messages of request `i` (the peer drivers send the same)."""
     return [{"role": "user", "content": f"question number {i}: what does the image show?"}]
 
 
 async def bare_aiohttp(base_url: str, model: str, count: int, concurrency: int) -> int:
+    """The floor: aiohttp, a semaphore, `json=` bodies and `response.json()`."""
     sem = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -51,7 +42,8 @@ async def bare_aiohttp(base_url: str, model: str, count: int, concurrency: int) 
                 sem,
                 session.post(
                     f"{base_url}/chat/completions",
-                    json={"model": model, "messages": body(i), "max_tokens": 32},
+                    json={"model": model, "messages": body(i), "max_tokens": MAX_TOKENS},
+                    headers={"authorization": "Bearer sim"},
                 ) as response,
             ):
                 data = await response.json()
@@ -61,7 +53,14 @@ async def bare_aiohttp(base_url: str, model: str, count: int, concurrency: int) 
 
 
 async def bare_openai(base_url: str, model: str, count: int, concurrency: int, aio: bool) -> int:
-    http_client = openai.DefaultAioHttpClient() if aio else openai.DefaultAsyncHttpxClient()
+    """`openai.AsyncOpenAI` + a semaphore + `chat.completions.create`, as a user writes it; the
+    connection pool gets the same limits as vlpref's."""
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    http_client = (
+        openai.DefaultAioHttpClient(limits=limits)
+        if aio
+        else openai.DefaultAsyncHttpxClient(limits=limits)
+    )
     client = openai.AsyncOpenAI(
         base_url=base_url, api_key="sim", max_retries=0, http_client=http_client
     )
@@ -72,7 +71,7 @@ async def bare_openai(base_url: str, model: str, count: int, concurrency: int, a
             completion = await client.chat.completions.create(
                 model=model,
                 messages=body(i),  # type: ignore[arg-type]
-                max_tokens=32,
+                max_tokens=MAX_TOKENS,
             )
             return len(completion.choices)
 
@@ -96,7 +95,7 @@ def requests(model: str, count: int) -> list[ChatRequest]:
             id=str(i),
             model=model,
             messages=(Message.user(body(i)[0]["content"]),),
-            params=SamplingParams(max_tokens=32),
+            params=SamplingParams(max_tokens=MAX_TOKENS),
         )
         for i in range(count)
     ]
@@ -120,10 +119,12 @@ async def _vlpref(
 
 
 async def vlpref_aiohttp(base_url: str, model: str, count: int, concurrency: int) -> int:
+    """vlpref's model client: the `openai` provider through `run_requests`, no journal."""
     return await _vlpref(base_url, model, count, concurrency, "aiohttp", journal=False)
 
 
 async def vlpref_aiohttp_journal(base_url: str, model: str, count: int, concurrency: int) -> int:
+    """The same with the request journal in front (keys, lookups, a flushed line per answer)."""
     return await _vlpref(base_url, model, count, concurrency, "aiohttp", journal=True)
 
 
@@ -131,57 +132,19 @@ async def vlpref_httpx(base_url: str, model: str, count: int, concurrency: int) 
     return await _vlpref(base_url, model, count, concurrency, "httpx", journal=False)
 
 
-VARIANTS: dict[str, Runner] = {
-    "bare aiohttp loop": bare_aiohttp,
-    "bare openai.AsyncOpenAI (default httpx2) + semaphore": openai_httpx,
-    "bare openai.AsyncOpenAI (aiohttp) + semaphore": openai_aiohttp,
-    "vlpref provider (aiohttp)": vlpref_aiohttp,
-    "vlpref provider (aiohttp) + journal": vlpref_aiohttp_journal,
-    "vlpref provider (httpx2)": vlpref_httpx,
+# name -> (runner, what it is); the first is the baseline every ratio is taken against.
+VARIANTS: dict[str, tuple[Runner, str]] = {
+    "bare aiohttp loop": (bare_aiohttp, "aiohttp + semaphore, no SDK: the floor"),
+    "bare openai.AsyncOpenAI (httpx2)": (
+        openai_httpx,
+        "`chat.completions.create` + semaphore, the SDK's default httpx2 pool",
+    ),
+    "bare openai.AsyncOpenAI (aiohttp)": (
+        openai_aiohttp,
+        "the same on the SDK's aiohttp transport (`DefaultAioHttpClient`)",
+    ),
+    "vlpref provider": (vlpref_aiohttp, "`openai` provider via `run_requests`, no journal"),
+    "vlpref provider + journal": (vlpref_aiohttp_journal, "the same with the request journal"),
 }
-
-
-def measure(runner: Runner, base_url: str, model: str, count: int, concurrency: int) -> float:
-    t0 = time.perf_counter()
-    done = asyncio.run(runner(base_url, model, count, concurrency))
-    elapsed = time.perf_counter() - t0
-    if done != count:
-        raise RuntimeError(f"{runner.__name__}: {done} of {count} answered")
-    return count / elapsed
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    print(
-        f"# client throughput: {args.requests} requests, concurrency {args.concurrency}, "
-        f"median of {args.repeats}"
-    )
-    print(
-        f"machine: {platform.platform()}, python {platform.python_version()}, "
-        f"openai {version('openai')}, aiohttp {version('aiohttp')}"
-    )
-    with SimServer(SIM) as sim:
-        for model, label in (("fast", "0 ms"), ("slow", "50 ms")):
-            rates: dict[str, float] = {}
-            for name, runner in VARIANTS.items():
-                runs = []
-                for _ in range(args.repeats):  # interleaving would be fairer; medians suffice here
-                    runs.append(
-                        measure(runner, sim.base_url, model, args.requests, args.concurrency)
-                    )
-                rates[name] = statistics.median(runs)
-            base = rates["bare openai.AsyncOpenAI (default httpx2) + semaphore"]
-            aio = rates["bare aiohttp loop"]
-            print(f"\n## latency {label}\n")
-            print("| client | req/s | vs bare openai | vs bare aiohttp |")
-            print("|---|---:|---:|---:|")
-            for name, rate in rates.items():
-                print(f"| {name} | {rate:,.0f} | {rate / base:.2f}x | {rate / aio:.2f}x |")
-
-
-if __name__ == "__main__":
-    main()
+BASELINE = "bare aiohttp loop"
+VLPREF = "vlpref provider"

@@ -1,11 +1,12 @@
-"""Throughput of the simulated server alone, driven by a bare aiohttp client.
+"""Throughput of the simulated server alone, driven by the lightest client we have.
 
     .venv/bin/python bench/sim_server_alone.py [--requests 2000] [--concurrency 64 256]
                                                [--latency-ms 0 50]
 
 Starts one `python -m vlpref.sim` subprocess per latency setting and prints req/s for each
-concurrency. The client runs in this process, so on a 2-core machine client and server each
-get roughly one core.
+concurrency, with the server's CPU time per request (so its one-core capacity). The client runs
+in this process, so on a 2-core machine client and server each get roughly one core.
+`python -m bench` uses `drive` and `cpu_seconds` for its "sim server alone" section.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from vlpref.sim.testing import SimServer
 MODEL = "sim-mixed"
 
 
-def _body(i: int) -> bytes:
+def _body(i: int, model: str) -> bytes:
     # A pipeline-like request: a system prompt, a question, sampling parameters.
     return json.dumps(
         {
-            "model": MODEL,
+            "model": model,
             "messages": [
                 {"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": f"Question {i}: how should one store kitchen knives?"},
@@ -39,10 +40,13 @@ def _body(i: int) -> bytes:
     ).encode()
 
 
-async def _drive(base_url: str, n: int, concurrency: int) -> tuple[float, dict[int, int]]:
-    """Send `n` requests with `concurrency` workers; returns (seconds, status counts)."""
+async def drive(
+    base_url: str, n: int, concurrency: int, model: str = MODEL
+) -> tuple[float, dict[int, int]]:
+    """Send `n` requests with `concurrency` workers, bodies serialised beforehand; returns
+    (seconds, status counts)."""
     statuses: dict[int, int] = {}
-    bodies = [_body(i) for i in range(n)]
+    bodies = [_body(i, model) for i in range(n)]
     next_i = 0
     url = base_url + "/chat/completions"
     headers = {"content-type": "application/json", "authorization": "Bearer sim"}
@@ -63,7 +67,7 @@ async def _drive(base_url: str, n: int, concurrency: int) -> tuple[float, dict[i
         return time.perf_counter() - start, statuses
 
 
-def _cpu_seconds(pid: int | None) -> float:
+def cpu_seconds(pid: int | None) -> float:
     """CPU time (user + system) used so far by `pid`; 0.0 where /proc is unavailable."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:
@@ -88,10 +92,10 @@ def main() -> None:
         with SimServer(config) as sim:
             for conc in args.concurrency:
                 # Warm-up run: first-request costs (imports, caches) stay out of the numbers.
-                asyncio.run(_drive(sim.base_url, min(200, args.requests), conc))
-                cpu_before = _cpu_seconds(sim.pid)
-                seconds, statuses = asyncio.run(_drive(sim.base_url, args.requests, conc))
-                cpu_us = (_cpu_seconds(sim.pid) - cpu_before) / args.requests * 1e6
+                asyncio.run(drive(sim.base_url, min(200, args.requests), conc))
+                cpu_before = cpu_seconds(sim.pid)
+                seconds, statuses = asyncio.run(drive(sim.base_url, args.requests, conc))
+                cpu_us = (cpu_seconds(sim.pid) - cpu_before) / args.requests * 1e6
                 print(
                     f"latency={latency:>4.0f}ms concurrency={conc:>3} requests={args.requests} "
                     f"time={seconds:6.2f}s {args.requests / seconds:7.0f} req/s "

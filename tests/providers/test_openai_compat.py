@@ -7,6 +7,7 @@ its request counters prove how many attempts reached it.
 from __future__ import annotations
 
 import io
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -224,3 +225,89 @@ async def test_concurrency_limit_holds(sim: SimServer) -> None:
         t0 = time.perf_counter()
         await run(provider(slow, concurrency=4), requests("slow", 12))
         assert time.perf_counter() - t0 >= 0.15
+
+
+async def test_max_retry_time_bounds_the_retries(sim: SimServer) -> None:
+    """The deadline counts from the first attempt, which runs outside tenacity."""
+    sim.reset()
+    p = provider(
+        sim, max_attempts=1000, max_retry_time_s=0.3, backoff_initial_s=0.02, backoff_max_s=0.02
+    )
+    t0 = time.perf_counter()
+    (result,) = await run(p, requests("broken-500", 1))
+    assert time.perf_counter() - t0 < 2.0
+    assert result.failure is not None and result.failure.kind == "server_error"
+    assert 2 <= result.failure.attempts < 1000
+    assert by_status(sim, "broken-500") == {"500": result.failure.attempts}
+
+
+async def test_the_wire_request() -> None:
+    """Body, path and headers as sent: the parameters, `extra_body` on top, the caller's headers,
+    and none of the SDK's platform headers (OS, arch, runtime: no telemetry)."""
+    from aiohttp import web
+
+    seen: list[tuple[str, dict[str, str], Any]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append((request.path, dict(request.headers), await request.json()))
+        return web.json_response(
+            {
+                "choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    await web.SockSite(runner, sock).start()
+    try:
+        p = create_provider(
+            "openai",
+            {
+                "base_url": f"http://127.0.0.1:{port}/v1/",
+                "headers": {"X-Team": "safety"},
+                "extra_body": {"top_k": 5, "temperature": 0.1, "logit_bias": {50256: -100}},
+                "max_tokens_field": "max_completion_tokens",
+            },
+        )
+        request = ChatRequest(
+            id="r",
+            model="m",
+            messages=(Message.system("be brief"), Message.user("hello ü")),
+            params=SamplingParams(
+                max_tokens=7, temperature=0.5, seed=3, n=2, logprobs=True, top_logprobs=2
+            ),
+        )
+        assert isinstance(p, OpenAICompatProvider)
+        (result,) = await run(p, [request])
+    finally:
+        await runner.cleanup()
+    assert result.ok and result.samples[0].text == "ok"
+    path, headers, body = seen[0]
+    assert path == "/v1/chat/completions"
+    assert body == {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello ü"},
+        ],
+        "n": 2,
+        "max_completion_tokens": 7,
+        "temperature": 0.1,  # extra_body wins, as the SDK's extra_body does
+        "seed": 3,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "top_k": 5,
+        "logit_bias": {"50256": -100},  # token ids as keys: strings on the wire, as with json
+    }
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert lower["authorization"] == "Bearer EMPTY"
+    assert lower["content-type"] == "application/json"
+    assert lower["x-team"] == "safety"
+    assert lower["x-stainless-retry-count"] == "0"  # the SDK still builds the request
+    assert not {"x-stainless-os", "x-stainless-arch", "x-stainless-runtime"} & set(lower)

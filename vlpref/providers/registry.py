@@ -23,7 +23,10 @@ ENTRY_POINT_GROUP = "vlpref.providers"
 def _builtin_kinds() -> dict[str, str]:
     # Imported lazily so that `import vlpref` stays cheap and optional engines (vLLM) are only
     # imported when a config asks for them.
-    return {"openai": "vlpref.providers.openai_compat:OpenAICompatProvider"}
+    return {
+        "openai": "vlpref.providers.openai_compat:OpenAICompatProvider",
+        "vllm": "vlpref.providers.vllm_offline:VllmProvider",
+    }
 
 
 def available_kinds() -> list[str]:

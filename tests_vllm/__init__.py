@@ -1,0 +1,1 @@
+"""The vLLM tier: a real vLLM (CPU build) serving a tiny local model. Run with `make test-vllm`."""
