@@ -130,11 +130,8 @@ def questions_task(config: RunConfig, leaf: Subcategory, images: StageRef) -> St
     )
     if found := _reuse_or_run(workspace, "questions", leaf.branch_id, key):
         return found
-    journal = workspace.journal("questions", leaf.branch_id)
-    try:
+    with workspace.journal("questions", leaf.branch_id) as journal:
         output = generate_questions(leaf, workspace.read(images, "images"), config, journal)
-    finally:
-        journal.close()
     return _finish(workspace, output, key, {"questions": output.rows}, started)
 
 
@@ -153,8 +150,7 @@ def responses_task(
     )
     if found := _reuse_or_run(workspace, "responses", leaf.branch_id, key):
         return found
-    journal = workspace.journal("responses", leaf.branch_id)
-    try:
+    with workspace.journal("responses", leaf.branch_id) as journal:
         output = collect_responses(
             leaf.branch_id,
             workspace.read(questions, "questions"),
@@ -162,8 +158,6 @@ def responses_task(
             config,
             journal,
         )
-    finally:
-        journal.close()
     return _finish(workspace, output, key, {"responses": output.rows}, started)
 
 
@@ -184,8 +178,7 @@ def judge_task(
     )
     if found := _reuse_or_run(workspace, "judge", leaf.branch_id, key):
         return found
-    journal = workspace.journal("judge", leaf.branch_id)
-    try:
+    with workspace.journal("judge", leaf.branch_id) as journal:
         output = judge_responses(
             leaf.branch_id,
             workspace.read(questions, "questions"),
@@ -194,8 +187,6 @@ def judge_task(
             config,
             journal,
         )
-    finally:
-        journal.close()
     return _finish(workspace, output, key, {"judgments": output.rows}, started)
 
 
