@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from vlpref.prefect_server import PrefectServer
-from vlpref.sim.testing import SimServer
+from vlpref.sim.testing import SimServer, sim_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 PERSONAS = ["refuser", "safe-helpful", "over-compliant", "jailbroken", "mixed"]
@@ -26,34 +26,19 @@ PERSONAS = ["refuser", "safe-helpful", "over-compliant", "jailbroken", "mixed"]
 def config(
     root: Path, base_url: str, taxonomy: str, per_branch: int, models: list[str], **stages: Any
 ) -> str:
-    data = {
-        "name": "rerun-costs",
-        "taxonomy": str(REPO / taxonomy),
-        "workspace": str(root / "ws"),
-        "store": str(root / "store"),
-        "endpoints": {"sim": {"kind": "openai", "base_url": base_url, "concurrency": 64}},
-        "models": [
+    data = sim_run_config(
+        base_url,
+        name="rerun-costs",
+        taxonomy=str(REPO / taxonomy),
+        workspace=str(root / "ws"),
+        store=str(root / "store"),
+        endpoint={"concurrency": 64},
+        models=[
             {"name": m, "endpoint": "sim", "model": f"sim-{m}", "sampling": {"temperature": 0.7}}
             for m in models
         ],
-        "generator": {
-            "name": "gen",
-            "endpoint": "sim",
-            "model": "sim-judge",
-            "sampling": {"temperature": 0.8},
-        },
-        "judges": [
-            {
-                "name": "judge",
-                "endpoint": "sim",
-                "model": "sim-judge",
-                "sampling": {"temperature": 0, "logprobs": True, "top_logprobs": 5},
-            }
-        ],
-        "stages": {
-            "images": {"source": {"kind": "typographic", "per_branch": per_branch}, **stages}
-        },
-    }
+        stages={"images": {"source": {"kind": "typographic", "per_branch": per_branch}, **stages}},
+    )
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)

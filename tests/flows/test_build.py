@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from flows.build import build_dataset
-from vlpref.sim.testing import SimServer
+from vlpref.sim.testing import SimServer, sim_run_config
 from vlpref.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,15 +34,14 @@ SIM = {
 
 
 def write_config(tmp: Path, base_url: str, **stages: Any) -> Path:
-    data = {
-        "name": "e2e",
-        "taxonomy": str(REPO / "taxonomy" / "demo.yaml"),
-        "workspace": "ws",
-        "store": "store",
-        "endpoints": {
-            "sim": {"kind": "openai", "base_url": base_url, "api_key_env": "VLPREF_E2E_KEY"}
-        },
-        "models": [
+    data = sim_run_config(
+        base_url,
+        name="e2e",
+        taxonomy=str(REPO / "taxonomy" / "demo.yaml"),
+        workspace="ws",
+        store="store",
+        endpoint={"api_key_env": "VLPREF_E2E_KEY"},
+        models=[
             {
                 "name": name,
                 "endpoint": "sim",
@@ -51,26 +50,9 @@ def write_config(tmp: Path, base_url: str, **stages: Any) -> Path:
             }
             for name in ("refuser", "helpful", "compliant", "jailbroken", "filtered")
         ],
-        "generator": {
-            "name": "gen",
-            "endpoint": "sim",
-            "model": "sim-judge",
-            "sampling": {"temperature": 0.8},
-        },
-        "judges": [
-            {
-                "name": "judge",
-                "endpoint": "sim",
-                "model": "sim-judge",
-                "sampling": {"temperature": 0, "logprobs": True, "top_logprobs": 5},
-            }
-        ],
-        "stages": {
-            "images": {"source": {"kind": "typographic", "per_branch": 3}},
-            "publish": {"splits": {"train": 0.6, "validation": 0.2, "test": 0.2}},
-            **stages,
-        },
-    }
+        per_branch=3,
+        stages={"publish": {"splits": {"train": 0.6, "validation": 0.2, "test": 0.2}}, **stages},
+    )
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -14,7 +14,7 @@ import yaml
 
 from flows.build import build_dataset
 from vlpref.prompts import DEFAULT_PROMPTS_DIR
-from vlpref.sim.testing import SimServer
+from vlpref.sim.testing import SimServer, sim_run_config
 from vlpref.store import Store, Version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,34 +39,15 @@ class Runs:
         self.store = Store(str(tmp / "store"))
 
     def config(self, models: list[str], **extra: Any) -> str:
-        data: dict[str, Any] = {
-            "name": "reruns",
-            "taxonomy": str(REPO / "taxonomy" / "demo.yaml"),
-            "workspace": str(self.tmp / "ws"),
-            "store": str(self.tmp / "store"),
-            "endpoints": {"sim": {"kind": "openai", "base_url": self.sim.base_url}},
-            "models": [{"name": m, "endpoint": "sim", "model": f"sim-{m}"} for m in models],
-            "generator": {
-                "name": "gen",
-                "endpoint": "sim",
-                "model": "sim-judge",
-                "sampling": {"temperature": 0.8},
-            },
-            "judges": [
-                {
-                    "name": "judge",
-                    "endpoint": "sim",
-                    "model": "sim-judge",
-                    "sampling": {"temperature": 0, "logprobs": True, "top_logprobs": 5},
-                }
-            ],
-            "stages": {"images": {"source": {"kind": "typographic", "per_branch": 2}}},
-        }
-        for key, value in extra.items():
-            if key == "stages":
-                data["stages"].update(value)
-            else:
-                data[key] = value
+        data = sim_run_config(
+            self.sim.base_url,
+            name="reruns",
+            taxonomy=str(REPO / "taxonomy" / "demo.yaml"),
+            workspace=str(self.tmp / "ws"),
+            store=str(self.tmp / "store"),
+            models=list(models),
+            **extra,
+        )
         path = self.tmp / "run.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return str(path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -19,7 +18,7 @@ import yaml
 
 from flows.build import build_dataset
 from flows.runners import task_runner
-from vlpref.sim.testing import SimServer
+from vlpref.sim.testing import SimServer, sim_run_config
 from vlpref.store import Store, Version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,38 +50,20 @@ def sim() -> Iterator[SimServer]:
 
 
 def config(tmp: Path, sim: SimServer, workspace: str, store: str) -> str:
-    data: dict[str, Any] = {
-        "name": "runners",
-        "taxonomy": str(REPO / "taxonomy" / "demo.yaml"),
-        "workspace": workspace,
-        "store": store,
-        "endpoints": {"sim": {"kind": "openai", "base_url": sim.base_url}},
-        "models": [
-            {"name": "refuser", "endpoint": "sim", "model": "sim-refuser"},
-            {
-                "name": "mixed",
-                "endpoint": "sim",
-                "model": "sim-mixed",
-                "sampling": {"temperature": 1.0, "n": 2},
-            },
-            {"name": "jailbroken", "endpoint": "sim", "model": "sim-jailbroken"},
-        ],
-        "generator": {
-            "name": "gen",
-            "endpoint": "sim",
-            "model": "sim-judge",
-            "sampling": {"temperature": 0.8},
-        },
-        "judges": [
-            {
-                "name": "judge",
-                "endpoint": "sim",
-                "model": "sim-judge",
-                "sampling": {"temperature": 0, "logprobs": True, "top_logprobs": 5},
-            }
-        ],
-        "stages": {"images": {"source": {"kind": "typographic", "per_branch": 2}}},
+    mixed = {
+        "name": "mixed",
+        "endpoint": "sim",
+        "model": "sim-mixed",
+        "sampling": {"temperature": 1.0, "n": 2},
     }
+    data = sim_run_config(
+        sim.base_url,
+        name="runners",
+        taxonomy=str(REPO / "taxonomy" / "demo.yaml"),
+        workspace=workspace,
+        store=store,
+        models=["refuser", mixed, "jailbroken"],
+    )
     path = tmp / f"run-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)

@@ -18,7 +18,7 @@ from tasks.questions import generate_questions, parse_questions
 from tasks.responses import collect_responses
 from vlpref.config import RunConfig, parse_config
 from vlpref.journal import Journal
-from vlpref.sim.testing import SimServer
+from vlpref.sim.testing import SimServer, sim_run_config
 from vlpref.taxonomy import Subcategory, load_taxonomy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,46 +43,21 @@ def sim() -> Iterator[SimServer]:
 
 
 def config(sim: SimServer, tmp_path: Path, **overrides: Any) -> RunConfig:
-    data: dict[str, Any] = {
-        "name": "t",
-        "taxonomy": str(REPO / "taxonomy" / "demo.yaml"),
-        "workspace": str(tmp_path / "ws"),
-        "store": str(tmp_path / "store"),
-        "endpoints": {
-            "sim": {
-                "kind": "openai",
-                "base_url": sim.base_url,
-                "max_attempts": 2,
-                "backoff_initial_s": 0.01,
-            }
-        },
-        "models": [
-            {"name": "refuser", "endpoint": "sim", "model": "sim-refuser"},
-            {"name": "helpful", "endpoint": "sim", "model": "sim-helpful"},
-            {"name": "jailbroken", "endpoint": "sim", "model": "sim-jailbroken"},
-            {
-                "name": "mixed",
-                "endpoint": "sim",
-                "model": "sim-mixed",
-                "sampling": {"temperature": 1.0, "n": 2},
-            },
-        ],
-        "generator": {
-            "name": "gen",
-            "endpoint": "sim",
-            "model": "sim-judge",
-            "sampling": {"temperature": 0.8},
-        },
-        "judges": [
-            {
-                "name": "judge",
-                "endpoint": "sim",
-                "model": "sim-judge",
-                "sampling": {"temperature": 0, "logprobs": True, "top_logprobs": 5},
-            }
-        ],
-        "stages": {"images": {"source": {"kind": "typographic", "per_branch": 2}}},
+    mixed = {
+        "name": "mixed",
+        "endpoint": "sim",
+        "model": "sim-mixed",
+        "sampling": {"temperature": 1.0, "n": 2},
     }
+    data = sim_run_config(
+        sim.base_url,
+        name="t",
+        taxonomy=str(REPO / "taxonomy" / "demo.yaml"),
+        workspace=str(tmp_path / "ws"),
+        store=str(tmp_path / "store"),
+        endpoint={"max_attempts": 2, "backoff_initial_s": 0.01},
+        models=["refuser", "helpful", "jailbroken", mixed],
+    )
     data.update(overrides)
     return parse_config(data)
 

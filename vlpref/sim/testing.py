@@ -188,3 +188,58 @@ class SimServer:
 
 # The type of the `sim_server` pytest fixture: `sim_server(config_dict) -> SimServer`.
 SimServerFactory = Callable[[Mapping[str, Any]], SimServer]
+
+
+# The sim's judge persona also writes captions and questions: one model serves both roles.
+SIM_GENERATOR: dict[str, Any] = {
+    "name": "gen",
+    "endpoint": "sim",
+    "model": "sim-judge",
+    "sampling": {"temperature": 0.8},
+}
+SIM_JUDGE: dict[str, Any] = {
+    "name": "judge",
+    "endpoint": "sim",
+    "model": "sim-judge",
+    "sampling": {"temperature": 0, "logprobs": True, "top_logprobs": 5},
+}
+
+
+def sim_run_config(
+    base_url: str,
+    *,
+    taxonomy: str,
+    workspace: str,
+    store: str,
+    models: list[str | dict[str, Any]],
+    per_branch: int = 2,
+    endpoint: dict[str, Any] | None = None,
+    stages: dict[str, Any] | None = None,
+    name: str = "sim-run",
+    **extra: Any,
+) -> dict[str, Any]:
+    """A run config (as a dict) whose every model is on the simulated server at `base_url`.
+
+    Response models are given by name (`"refuser"` is served as `sim-refuser`) or as full
+    entries; the sim judge is the generator and the judge; images are typographic,
+    `per_branch` per branch. `stages` entries are merged over that; `extra` sets top-level keys.
+    """
+    entries = [
+        m if isinstance(m, dict) else {"name": m, "endpoint": "sim", "model": f"sim-{m}"}
+        for m in models
+    ]
+    return {
+        "name": name,
+        "taxonomy": taxonomy,
+        "workspace": workspace,
+        "store": store,
+        "endpoints": {"sim": {"kind": "openai", "base_url": base_url, **(endpoint or {})}},
+        "models": entries,
+        "generator": SIM_GENERATOR,
+        "judges": [SIM_JUDGE],
+        "stages": {
+            "images": {"source": {"kind": "typographic", "per_branch": per_branch}},
+            **(stages or {}),
+        },
+        **extra,
+    }
