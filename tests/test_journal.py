@@ -64,7 +64,7 @@ def test_a_torn_last_line_is_skipped_and_counted(tmp_path: Path) -> None:
     with Journal(str(tmp_path / "j")) as journal:
         journal.append([entry("a"), entry("b")])
     segment = next((tmp_path / "j").iterdir())
-    with segment.open("a") as handle:
+    with segment.open("ab") as handle:
         handle.write(entry("c").to_json()[:25])  # the process died mid-write
     reopened = Journal(str(tmp_path / "j"))
     assert sorted(reopened.keys()) == ["a", "b"]
@@ -74,8 +74,8 @@ def test_a_torn_last_line_is_skipped_and_counted(tmp_path: Path) -> None:
 def test_corruption_inside_a_segment_names_the_file_and_line(tmp_path: Path) -> None:
     root = tmp_path / "j"
     root.mkdir()
-    (root / "seg.jsonl").write_text(
-        entry("a").to_json() + "\n{garbage\n" + entry("b").to_json() + "\n"
+    (root / "seg.jsonl").write_bytes(
+        entry("a").to_json() + b"\n{garbage\n" + entry("b").to_json() + b"\n"
     )
     with pytest.raises(JournalError, match=r"seg\.jsonl: line 2"):
         Journal(str(root))

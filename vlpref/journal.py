@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
+import orjson
+
 from vlpref.chat import Sample, TokenLogprob, Usage
 from vlpref.errors import JournalError
 from vlpref.fs import AbstractFileSystem, is_local, join, resolve
@@ -41,7 +43,8 @@ class JournalEntry:
     latency_s: float
     created: float
 
-    def to_json(self) -> str:
+    def to_json(self) -> bytes:
+        """One journal line (without its newline): compact UTF-8 JSON, key first."""
         record: dict[str, Any] = {
             "k": self.key,
             "i": self.sample.index,
@@ -54,10 +57,9 @@ class JournalEntry:
             "t": round(self.created, 3),
         }
         if self.sample.logprobs is not None:
-            record["lp"] = [
-                [t.token, t.logprob, [list(a) for a in t.top]] for t in self.sample.logprobs
-            ]
-        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+            # Tuples serialise as arrays: no per-token list copies on this hot path.
+            record["lp"] = [(t.token, t.logprob, t.top) for t in self.sample.logprobs]
+        return orjson.dumps(record)
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> JournalEntry:
@@ -209,7 +211,7 @@ class Journal:
             if entry.key in self or entry.key in seen:
                 continue
             seen.add(entry.key)
-            lines.append((entry.key, entry.to_json().encode("utf-8") + b"\n"))
+            lines.append((entry.key, entry.to_json() + b"\n"))
         if not lines:
             return
         self.appended += len(lines)
