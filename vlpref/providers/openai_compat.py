@@ -222,13 +222,17 @@ def _parse_choice(choice: Mapping[str, Any]) -> Sample:
     logprobs: tuple[TokenLogprob, ...] | None = None
     lp = choice.get("logprobs")
     if lp and lp.get("content") is not None:
+        # The hottest loop of a judge run (every token, every alternative): comprehensions, not
+        # generator expressions, and a float() only where a server may send an integer 0.
         logprobs = tuple(
-            TokenLogprob(
-                token=t["token"],
-                logprob=float(t["logprob"]),
-                top=tuple((a["token"], float(a["logprob"])) for a in t.get("top_logprobs") or ()),
-            )
-            for t in lp["content"]
+            [
+                TokenLogprob(
+                    t["token"],
+                    float(t["logprob"]),
+                    tuple([(a["token"], a["logprob"] + 0.0) for a in t.get("top_logprobs") or ()]),
+                )
+                for t in lp["content"]
+            ]
         )
     return Sample(
         index=int(choice.get("index", 0)),
