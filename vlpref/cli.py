@@ -20,20 +20,13 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)
 
 
-# Served when `vlpref sim-server` gets no --config: one model per persona.
-DEFAULT_SIM_MODELS = {
-    f"sim-{persona}": {"persona": persona}
-    for persona in (
-        "refuser",
-        "safe-helpful",
-        "over-compliant",
-        "jailbroken",
-        "mixed",
-        "filtered",
-        "echo",
-        "judge",
-    )
-}
+def _default_sim_models() -> dict[str, dict[str, str]]:
+    """Served when `vlpref sim-server` gets no --config: one model per persona."""
+    from typing import get_args
+
+    from vlpref.sim.config import PersonaName
+
+    return {f"sim-{persona}": {"persona": persona} for persona in get_args(PersonaName)}
 
 
 @app.command("sim-server")
@@ -50,7 +43,7 @@ def sim_server(
     from vlpref.sim.__main__ import serve
     from vlpref.sim.config import load_config as load_sim_config
 
-    sim_config = load_sim_config(config if config else {"models": DEFAULT_SIM_MODELS})
+    sim_config = load_sim_config(config if config else {"models": _default_sim_models()})
     asyncio.run(serve(sim_config, host, port))
 
 
