@@ -22,6 +22,7 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from flows import progress
 from vlpref.config import RunConfig, load_config
 from vlpref.errors import ConfigError
+from vlpref.gctune import throughput_gc
 from vlpref.taxonomy import Subcategory, load_taxonomy
 from vlpref.workspace import StageRef, Workspace, stage_key
 
@@ -276,18 +277,19 @@ def build_dataset(config: str, only: list[str] | None = None) -> str:
     if selected is not None and not selected:
         raise ConfigError("`only` is empty: name at least one taxonomy path prefix to rebuild")
     leaves = taxonomy.select(selected)
-    branches = run_branches(run_config, leaves)
-    refs: dict[str, dict[str, StageRef]] = {}
-    failed: list[str] = []
-    for branch_id, futures in branches.items():
-        try:
-            refs[branch_id] = {stage: futures[stage].result() for stage in STAGES}
-        except Exception as exc:  # reported below; the flow fails after the artifact is written
-            failed.append(f"{branch_id}: {type(exc).__name__}: {exc}")
-    _report(leaves, refs, failed)
-    if failed:
-        raise RuntimeError(f"{len(failed)} branch(es) failed: " + "; ".join(failed))
-    return publish_version(run_config, taxonomy, leaves, refs, only=selected)
+    with throughput_gc():
+        branches = run_branches(run_config, leaves)
+        refs: dict[str, dict[str, StageRef]] = {}
+        failed: list[str] = []
+        for branch_id, futures in branches.items():
+            try:
+                refs[branch_id] = {stage: futures[stage].result() for stage in STAGES}
+            except Exception as exc:  # reported below; the flow fails after the artifact
+                failed.append(f"{branch_id}: {type(exc).__name__}: {exc}")
+        _report(leaves, refs, failed)
+        if failed:
+            raise RuntimeError(f"{len(failed)} branch(es) failed: " + "; ".join(failed))
+        return publish_version(run_config, taxonomy, leaves, refs, only=selected)
 
 
 def _report(
