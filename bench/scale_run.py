@@ -7,14 +7,24 @@ Builds the whole SPA-VL taxonomy (53 branches) with typographic images, enough p
 pairwise in both orders), through `build_dataset` on a local Prefect server. Prints a JSON line
 with end-to-end time, requests per stage, requests/s, and the flow process's peak RSS (the sim
 server and the Prefect server are separate processes and not counted).
+
+The pipeline-overhead target compares the build's requests/s with the model client's own on the
+same requests (images, prompts, logprobs and answer sizes as the build sent them): after the timed
+build, a few branches are rebuilt into a fresh workspace that shares the build's request journal
+(every answer is a journal hit, so nothing is sent), recording the requests the stages hand the
+model service; those are then replayed through `run_requests` with a fresh provider and a fresh
+journal at the same concurrency, against the same sim server, with nothing else running.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import asyncio
 import math
+import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -24,7 +34,13 @@ from typing import Any
 
 import yaml
 
+from vlpref.chat import ChatRequest
+from vlpref.gctune import throughput_gc
+from vlpref.journal import Journal
 from vlpref.prefect_server import PrefectServer
+from vlpref.providers import create_provider
+from vlpref.runner import run_requests
+from vlpref.service import ModelService
 from vlpref.sim.testing import SimServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +60,7 @@ def run_config(root: Path, base_url: str, args: argparse.Namespace) -> str:
     per_branch = max(1, math.ceil(args.questions / 3 / 53))
     data = {
         "name": "scale",
+        "parallel_branches": args.parallel_branches,
         "taxonomy": str(REPO / "taxonomy" / "spa_vl.yaml"),
         "workspace": str(root / "ws"),
         "store": str(root / "store"),
@@ -88,6 +105,71 @@ def run_config(root: Path, base_url: str, args: argparse.Namespace) -> str:
     return str(path)
 
 
+def record_requests(
+    root: Path, base_url: str, args: argparse.Namespace, min_requests: int
+) -> list[ChatRequest]:
+    """The requests a rebuild of the first few branches hands the model service (see the module
+    docstring); enough branches for at least `min_requests`, all answered from the journal."""
+    from flows.build import build_dataset
+    from vlpref.taxonomy import load_taxonomy
+
+    replay = root / "replay"
+    shutil.copytree(root / "ws" / "journal", replay / "ws" / "journal", copy_function=os.link)
+    path = run_config(replay, base_url, args)
+    data = yaml.safe_load(Path(path).read_text())
+    leaves = load_taxonomy(data["taxonomy"]).leaves()
+    per_branch = max(1, args.requests_sent // len(leaves))
+    count = min(len(leaves), math.ceil(min_requests / per_branch))
+    data["only"] = [leaf.path for leaf in leaves[:count]]
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+    recorded: list[ChatRequest] = []
+    original = ModelService.run
+
+    def tee(requests: Any) -> Any:
+        for request in requests:
+            recorded.append(request)
+            yield request
+
+    def recording_run(self: ModelService, batches: Any, journal: Any, *a: Any, **kw: Any) -> Any:
+        return original(self, [(p, tee(r)) for p, r in batches], journal, *a, **kw)
+
+    ModelService.run = recording_run  # type: ignore[method-assign]
+    try:
+        build_dataset(path)
+    finally:
+        ModelService.run = original  # type: ignore[method-assign]
+    return recorded
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def replay(
+    requests: list[ChatRequest], base_url: str, concurrency: int, root: Path
+) -> tuple[float, float]:
+    """Send `requests` through the client alone (provider + journal); returns requests/s and
+    CPU microseconds per request."""
+
+    async def go() -> float:
+        provider = create_provider("openai", {"base_url": base_url, "concurrency": concurrency})
+        journal = Journal(str(root / "replay-journal"))
+        async with provider:
+            t0 = time.perf_counter()
+            async for _ in run_requests(provider, requests, journal):
+                pass
+            elapsed = time.perf_counter() - t0
+        journal.close()
+        return len(requests) / elapsed
+
+    cpu0 = _cpu_seconds()
+    with throughput_gc():  # the settings the build runs its client under
+        rate = asyncio.run(go())
+    return rate, (_cpu_seconds() - cpu0) / len(requests) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--questions", type=int, default=3000)
@@ -97,7 +179,15 @@ def main() -> None:
     parser.add_argument(
         "--pairs", type=int, default=3, help="pairwise candidate pairs per question"
     )
+    parser.add_argument("--parallel-branches", type=int, default=8)
     parser.add_argument("--rerun", action="store_true", help="also time a no-change rerun")
+    parser.add_argument(
+        "--client-requests",
+        type=int,
+        default=20_000,
+        help="at least this many of the build's requests replayed through the client alone "
+        "(0: skip the client baseline)",
+    )
     parser.add_argument("--root", default=None, help="keep the workspace and store here")
     args = parser.parse_args()
     from flows.build import build_dataset
@@ -112,9 +202,11 @@ def main() -> None:
             SimServer(sim_config(args.models, args.latency_ms)) as sim,
         ):
             path = run_config(root, sim.base_url, args)
+            cpu0 = _cpu_seconds()
             t0 = time.perf_counter()
             version_id = build_dataset(path)
             elapsed = time.perf_counter() - t0
+            cpu = _cpu_seconds() - cpu0
             total = sim.counters()["total"]
             result: dict[str, Any] = {
                 "questions_target": args.questions,
@@ -124,12 +216,30 @@ def main() -> None:
                 "seconds": round(elapsed, 1),
                 "requests": total,
                 "requests_per_s": round(total / elapsed, 1),
+                # CPU of the flow process (all its threads) per request sent: what the pipeline
+                # costs on top of the client, whose own figure the replay below reports.
+                "cpu_us_per_request": round(cpu / total * 1e6),
+                "cpu_utilisation": round(cpu / elapsed, 2),
             }
+            # Read before anything else runs: the replay below holds its requests in memory.
+            peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             if args.rerun:
                 t1 = time.perf_counter()
                 build_dataset(path)
                 result["rerun_seconds"] = round(time.perf_counter() - t1, 2)
                 result["rerun_requests"] = sim.counters()["total"] - total
+                result["rerun_share_of_build"] = round(result["rerun_seconds"] / elapsed, 4)
+            if args.client_requests:
+                args.requests_sent = total
+                before = sim.counters()["total"]
+                recorded = record_requests(root, sim.base_url, args, args.client_requests)
+                if sim.counters()["total"] != before:
+                    raise RuntimeError("the recording rebuild sent requests: journal not shared")
+                rate, cpu_us = replay(recorded, sim.base_url, args.concurrency, root)
+                result["client_requests"] = len(recorded)
+                result["client_requests_per_s"] = round(rate, 1)
+                result["client_cpu_us_per_request"] = round(cpu_us)
+                result["pipeline_vs_client"] = round(result["requests_per_s"] / rate, 3)
             manifest = Store(str(root / "store")).open(version_id).manifest
         stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         stage_req: Counter[str] = Counter()
@@ -143,7 +253,7 @@ def main() -> None:
         result["pairs"] = manifest["counts"]["pairs"]
         result["stage_requests"] = dict(stage_req)
         result["stage_task_seconds_summed"] = {k: round(v, 1) for k, v in stage_s.items()}
-        result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        result["peak_rss_mb"] = round(peak_rss_mb, 1)
         print(json.dumps(result))
         sys.stdout.flush()
 
