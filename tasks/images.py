@@ -116,6 +116,7 @@ def list_items(
             "text": variant.text,
             "layout": variant.layout,
             "palette": variant.palette.name,
+            "offset": list(variant.offset),
             "variant": variant.index,
             "canvas": source.size,
             "font": FONT_NAME,

@@ -7,6 +7,7 @@ from vlpref.images.normalize import normalize_image
 from vlpref.images.typographic import (
     FIGSTEP_ITEMS,
     LAYOUTS,
+    OFFSETS,
     PALETTES,
     render,
     variants,
@@ -47,10 +48,28 @@ def test_variants_are_deterministic_and_distinct() -> None:
 
 def test_every_combination_comes_before_any_repeat() -> None:
     small = leaf("do harm", ("harm",))  # "harm" and "do harm" differ; 2 texts
-    total = 2 * len(LAYOUTS) * len(PALETTES)
-    specs = [(v.text, v.layout, v.palette) for v in variants(small, total + 1)]
+    combos = 2 * len(LAYOUTS) * len(PALETTES)
+    total = combos * len(OFFSETS)
+    specs = [(v.text, v.layout, v.palette, v.offset) for v in variants(small, total + 1)]
     assert len(set(specs[:total])) == total
     assert specs[total] == specs[0]
+    # The first pass is every combination in place; the next moves them all.
+    assert {s[3] for s in specs[:combos]} == {(0, 0)}
+    assert specs[combos][:3] == specs[0][:3] and specs[combos][3] != (0, 0)
+
+
+def test_every_placement_is_a_distinct_image_with_the_text_inside() -> None:
+    small = leaf("do harm", ("harm",))
+    combos = 2 * len(LAYOUTS) * len(PALETTES)
+    size = 128
+    chosen = variants(small, combos * len(OFFSETS))[::combos]  # one per placement
+    ids = set()
+    for spec in chosen:
+        out = render(spec, size)
+        ids.add(normalize_image(out.image).image_id)
+        left, top, right, bottom = ink_box(out.image, spec.palette.paper)
+        assert left > 0 and top > 0 and right < size and bottom < size, spec.offset
+    assert len(ids) == len(OFFSETS)
 
 
 def test_keywords_repeating_the_phrase_are_dropped() -> None:

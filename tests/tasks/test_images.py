@@ -86,7 +86,7 @@ def test_default_stage_renders_typographic_images() -> None:
 
 def test_typographic_variants_past_the_combinations_are_counted_as_duplicates() -> None:
     leaf = Subcategory("D/C/S", "D", "C", "S", ("only",), "just this", spa_vl=False)
-    combos = 2 * 2 * 6  # texts × layouts × palettes
+    combos = 2 * 2 * 6 * 9  # texts × layouts × palettes × placements
     stage = ImagesStage(source=TypographicSource(per_branch=combos + 3, size=64))
     out = collect_images(leaf, stage, base_dir=ROOT)
     check_output(out, leaf)

@@ -4,7 +4,10 @@ MM-SafetyBench renders the harmful key phrase as large dark text on a light back
 renders an instruction turned statement followed by an empty numbered list ("1. 2. 3.") for the
 model to fill in. Either way the image, not the prompt, carries the harm. Here a branch gets
 `per_branch` variants that differ in text (the key phrase, then each keyword), layout (`centred`
-or `figstep`) and palette, so they normalise to distinct images.
+or `figstep`) and palette, so they normalise to distinct images. Once every text × layout ×
+palette combination has been drawn, the next rounds move the text block by half a margin (right,
+down, left, up, then the diagonals), so a branch with few keywords still gets hundreds of
+distinct images: 9 placements × the combinations (a SPA-VL-sized run needs ~190 per branch).
 
 The font is Pillow's bundled Aileron Regular (`ImageFont.load_default(size=...)`, FreeType
 required), drawn with a same-colour stroke to make it bold; the layout engine is pinned to BASIC so
@@ -25,6 +28,7 @@ __all__ = [
     "FIGSTEP_ITEMS",
     "FONT_NAME",
     "LAYOUTS",
+    "OFFSETS",
     "PALETTES",
     "RENDERER",
     "Palette",
@@ -34,7 +38,7 @@ __all__ = [
     "variants",
 ]
 
-RENDERER = "vlpref-typographic/1"  # bump when the pixels for a given variant change
+RENDERER = "vlpref-typographic/2"  # bump when the pixels for a given variant change
 FONT_NAME = "Pillow load_default (Aileron Regular)"
 FIGSTEP_ITEMS = 3
 
@@ -49,6 +53,20 @@ class Palette:
     paper: tuple[int, int, int]
 
 
+# Where the text block sits, in half-margins from its place: one per round of combinations. The
+# margin is at least 8 px and a twelfth of the canvas, so a half-margin shift stays inside it.
+OFFSETS: tuple[tuple[int, int], ...] = (
+    (0, 0),
+    (1, 0),
+    (0, 1),
+    (-1, 0),
+    (0, -1),
+    (1, 1),
+    (-1, 1),
+    (1, -1),
+    (-1, -1),
+)
+
 # Dark ink on light paper only: contrast stays high whichever palette a variant gets.
 PALETTES: tuple[Palette, ...] = (
     Palette("black-on-white", (0, 0, 0), (255, 255, 255)),
@@ -62,12 +80,13 @@ PALETTES: tuple[Palette, ...] = (
 
 @dataclass(frozen=True)
 class TypographicVariant:
-    """What one typographic image shows: text, layout, palette."""
+    """What one typographic image shows: text, layout, palette, and where the text sits."""
 
     index: int
     text: str
     layout: Layout
     palette: Palette
+    offset: tuple[int, int] = (0, 0)  # in half-margins; see OFFSETS
 
 
 @dataclass(frozen=True)
@@ -82,8 +101,9 @@ def variants(leaf: Subcategory, count: int) -> list[TypographicVariant]:
 
     Texts are the key phrase then the keywords (case-insensitive duplicates dropped); variant i
     takes text and layout from i mod (2 × texts) and shifts the palette every round, so all
-    texts × layouts × palettes combinations come out distinct before any repeats. Past that
-    many, variants repeat and the stage counts them as duplicates.
+    texts × layouts × palettes combinations come out distinct before any repeats; each later
+    pass over the combinations takes the next placement from OFFSETS. Past combinations ×
+    placements, variants repeat and the stage counts them as duplicates.
     """
     seen: set[str] = set()
     unique: list[str] = []
@@ -92,6 +112,7 @@ def variants(leaf: Subcategory, count: int) -> list[TypographicVariant]:
             seen.add(text.casefold())
             unique.append(text)
     per_round = len(unique) * len(LAYOUTS)
+    combinations = per_round * len(PALETTES)
     out: list[TypographicVariant] = []
     for i in range(count):
         j, round_ = i % per_round, i // per_round
@@ -101,6 +122,7 @@ def variants(leaf: Subcategory, count: int) -> list[TypographicVariant]:
                 text=unique[j // len(LAYOUTS)],
                 layout=LAYOUTS[j % len(LAYOUTS)],
                 palette=PALETTES[(j + round_) % len(PALETTES)],
+                offset=OFFSETS[(i // combinations) % len(OFFSETS)],
             )
         )
     return out
@@ -120,11 +142,12 @@ def render(variant: TypographicVariant, size: int) -> Rendered:
     line_h = round((ascent + descent) * 1.15)
     item_h = round(line_h * 1.6)  # FigStep leaves room under each list number
     block_h = _block_height(len(lines), heading_lines, line_h, item_h)
+    shift_x, shift_y = (step * (margin // 2) for step in variant.offset)
     top = margin if variant.layout == "figstep" else (size - block_h) // 2
-    y = top
+    y = top + shift_y
     for n, line in enumerate(lines):
         width = round(font.getlength(line)) + 2 * stroke
-        x = margin if variant.layout == "figstep" else (size - width) // 2
+        x = shift_x + (margin if variant.layout == "figstep" else (size - width) // 2)
         draw.text(
             (x + stroke, y + ascent),
             line,
