@@ -19,8 +19,8 @@ journal at the same concurrency, against the same sim server, with nothing else 
 from __future__ import annotations
 
 import argparse
-import json
 import asyncio
+import json
 import math
 import os
 import resource

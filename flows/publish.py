@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,63 +145,68 @@ def publish_version(
     latest = store.latest()
     parent = store.open(latest.version_id) if latest else None
     parent_branches: dict[str, Any] = parent.manifest.get("branches", {}) if parent else {}
-
-    parts: dict[str, Part] = {}
     branches: dict[str, dict[str, Any]] = {}
-    for leaf in leaves:
-        branch_refs = refs[leaf.branch_id]
-        key = publish_key(config, branch_refs)
-        info: dict[str, Any] = {
-            "path": leaf.path,
-            "publish_key": key,
-            "stages": {
-                stage: {"key": ref.key, "reused": ref.reused, "counts": ref.counts}
-                for stage, ref in branch_refs.items()
-            },
-        }
-        previous = parent_branches.get(leaf.branch_id)
-        if parent is not None and previous is not None and previous.get("publish_key") == key:
-            parts.update(_shared_parts(parent, leaf.branch_id))
-            info.update(
-                status="reused", rows=previous["rows"], model_safety=previous["model_safety"]
-            )
-        else:
-            tables = branch_tables(workspace, branch_refs)
-            parts.update(branch_parts(leaf.branch_id, tables, config.stages.publish))
-            info.update(
-                status="built",
-                rows={name: tbl.num_rows for name, tbl in tables.items()},
-                model_safety=model_safety_counts(tables),
-            )
-        branches[leaf.branch_id] = info
-    if only is not None and parent is not None:
-        # A branch rerun: every other branch of the parent comes along unchanged.
-        for branch_id, previous in parent_branches.items():
-            if branch_id not in branches:
-                parts.update(_shared_parts(parent, branch_id))
-                branches[branch_id] = {**previous, "status": "shared"}
 
-    manifest = {
-        "name": config.name,
-        "config_hash": config.content_hash(),
-        "code_version": code_version(),
-        "taxonomy": {
-            "name": taxonomy.name,
-            "hash": taxonomy.content_hash,
-            "branches": len(branches),
-        },
-        "prompts": prompt_versions(config.prompts_dir),
-        "models": [_entry(config, m) for m in config.models],
-        "generator": _entry(config, config.generator),
-        "judges": [_entry(config, j) for j in config.judges],
-        "stages": config.stages.model_dump(mode="json"),
-        "only": only,
-        "rebuilt": sorted(b["path"] for b in branches.values() if b["status"] == "built"),
-        "branches": branches,
-        "counts": dict(sum((Counter(b["rows"]) for b in branches.values()), Counter())),
-        "model_safety": model_safety(branches),
-    }
+    def parts() -> Iterator[tuple[str, Part]]:
+        """Each branch's parts in turn: the store writes them as they come, so memory holds one
+        branch's tables at a time (a SPA-VL-sized version is several GB of images and text)."""
+        for leaf in leaves:
+            branch_refs = refs[leaf.branch_id]
+            key = publish_key(config, branch_refs)
+            info: dict[str, Any] = {
+                "path": leaf.path,
+                "publish_key": key,
+                "stages": {
+                    stage: {"key": ref.key, "reused": ref.reused, "counts": ref.counts}
+                    for stage, ref in branch_refs.items()
+                },
+            }
+            previous = parent_branches.get(leaf.branch_id)
+            if parent is not None and previous is not None and previous.get("publish_key") == key:
+                yield from _shared_parts(parent, leaf.branch_id).items()
+                info.update(
+                    status="reused", rows=previous["rows"], model_safety=previous["model_safety"]
+                )
+            else:
+                tables = branch_tables(workspace, branch_refs)
+                info.update(
+                    status="built",
+                    rows={name: tbl.num_rows for name, tbl in tables.items()},
+                    model_safety=model_safety_counts(tables),
+                )
+                yield from branch_parts(leaf.branch_id, tables, config.stages.publish).items()
+                del tables
+            branches[leaf.branch_id] = info
+        if only is not None and parent is not None:
+            # A branch rerun: every other branch of the parent comes along unchanged.
+            for branch_id, previous in parent_branches.items():
+                if branch_id not in branches:
+                    yield from _shared_parts(parent, branch_id).items()
+                    branches[branch_id] = {**previous, "status": "shared"}
+
+    def manifest() -> dict[str, Any]:
+        return {
+            "name": config.name,
+            "config_hash": config.content_hash(),
+            "code_version": code_version(),
+            "taxonomy": {
+                "name": taxonomy.name,
+                "hash": taxonomy.content_hash,
+                "branches": len(branches),
+            },
+            "prompts": prompt_versions(config.prompts_dir),
+            "models": [_entry(config, m) for m in config.models],
+            "generator": _entry(config, config.generator),
+            "judges": [_entry(config, j) for j in config.judges],
+            "stages": config.stages.model_dump(mode="json"),
+            "only": only,
+            "rebuilt": sorted(b["path"] for b in branches.values() if b["status"] == "built"),
+            "branches": branches,
+            "counts": dict(sum((Counter(b["rows"]) for b in branches.values()), Counter())),
+            "model_safety": model_safety(branches),
+        }
+
     info_ = store.publish(
-        parts, manifest, dataset_card, parent=parent.version_id if parent else None
+        parts(), manifest, dataset_card, parent=parent.version_id if parent else None
     )
     return info_.version_id

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -905,3 +906,53 @@ def test_non_finite_numbers_become_null(tmp_path: Path, parts: dict[str, pa.Tabl
     saved = store.open(info.version_id).manifest
     assert saved["model_safety"]["m"]["unsafe_rate"] is None
     assert saved["x"] == [None]
+
+
+def test_parts_from_a_generator_are_written_as_they_come(
+    tmp_path: Path, two_parts: dict[str, pa.Table]
+) -> None:
+    """A lazy publish (one branch at a time) writes each part before asking for the next, and
+    builds the manifest only once every part is written."""
+    store = Store(str(tmp_path / "store"))
+    staging = tmp_path / "store" / ".staging"
+    written_before: list[int] = []
+    yielded: list[str] = []
+
+    def lazily() -> Iterator[tuple[str, pa.Table]]:
+        for rel, tbl in two_parts.items():
+            written_before.append(len(list(staging.rglob("*.parquet"))))
+            yielded.append(rel)
+            yield rel, tbl
+
+    def manifest() -> dict[str, Any]:
+        assert len(yielded) == len(two_parts)  # called after the last part
+        return {**MANIFEST, "built": len(yielded)}
+
+    info = store.publish(lazily(), manifest, "card")
+    assert written_before == list(range(len(two_parts)))
+    version = store.open(info.version_id)
+    assert version.manifest["built"] == len(two_parts)
+    eager = store.open(store.publish(two_parts, MANIFEST, "card").version_id)
+    assert sorted(version.manifest["files"]) == sorted(eager.manifest["files"])
+
+
+def test_a_lazy_publish_that_fails_leaves_no_version(
+    tmp_path: Path, two_parts: dict[str, pa.Table]
+) -> None:
+    store = Store(str(tmp_path / "store"))
+
+    def breaks_halfway() -> Iterator[tuple[str, pa.Table]]:
+        items = list(two_parts.items())
+        yield from items[: len(items) // 2]
+        raise RuntimeError("branch tables unreadable")
+
+    with pytest.raises(RuntimeError, match="unreadable"):
+        store.publish(breaks_halfway(), MANIFEST, "card")
+    with pytest.raises(StoreError, match="looks like a secret"):
+        store.publish(
+            iter(two_parts.items()), lambda: {**MANIFEST, "key": "sk-" + "a" * 40}, "card"
+        )
+    with pytest.raises(StoreError, match="given twice"):
+        store.publish(iter([*two_parts.items(), *two_parts.items()]), MANIFEST, "card")
+    assert store.list_versions() == []
+    assert not list((tmp_path / "store" / ".staging").rglob("*.parquet"))

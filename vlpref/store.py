@@ -59,7 +59,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -575,8 +575,8 @@ class Store:
 
     def publish(
         self,
-        parts: Mapping[str, Part],
-        manifest: Mapping[str, Any],
+        parts: Mapping[str, Part] | Iterable[tuple[str, Part]],
+        manifest: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
         card: CardSource,
         *,
         parent: str | None = None,
@@ -585,23 +585,33 @@ class Store:
 
         `parts` maps part paths (`tables/<table>/<part>.parquet`, `data/<split>/<part>.parquet`)
         to a table (of the table's schema; quadruples as built) or a `SharedFile` of an earlier
-        version. A table with no part is written as one empty part; at least one data part is
-        required. The store adds `layout`,
-        `version_id`, `created_at`, `parent`, `files` and `splits` to `manifest` (a manifest that
-        sets them, or holds anything that looks like a secret, is refused; NaN and infinities
-        are written as null, which strict JSON readers accept). `card` is the README
-        text, or a function of the final manifest that returns it.
+        version; it may also be an iterable of (path, part) pairs, which is consumed lazily and
+        each part written as it comes, so a caller can build one branch at a time and memory
+        holds one branch's tables, not the dataset's. A table with no part is written as one
+        empty part; at least one data part is required. `manifest` may be a function, called
+        once every part is written (a lazy caller fills it in as it yields parts). The store adds
+        `layout`, `version_id`, `created_at`, `parent`, `files` and `splits` to the manifest (a
+        manifest that sets them, or holds anything that looks like a secret, is refused; NaN and
+        infinities are written as null, which strict JSON readers accept). `card` is the README
+        text, or a function of the final manifest that returns it. On any error the staging
+        directory is removed and no version appears.
         """
-        self._check_inputs(parts, manifest, parent)
+        if not callable(manifest):
+            self._check_manifest(manifest)
+        if parent is not None and self._info(parent) is None:
+            raise StoreError(f"parent {parent!r} is not a complete version of {self.location}")
         now = datetime.now(UTC)
         stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
         staging = join(self.root, STAGING, f"{stamp}-{secrets.token_hex(4)}")
         try:
-            files = self._write_data(staging, parts)
+            items = parts.items() if isinstance(parts, Mapping) else parts
+            files = self._write_data(staging, items)
+            final = manifest() if callable(manifest) else manifest
+            self._check_manifest(final)
             digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
             version_id = f"{stamp}-{digest[:8]}"
             full: dict[str, Any] = {
-                **_finite(manifest),
+                **_finite(final),
                 "layout": LAYOUT,
                 "version_id": version_id,
                 "created_at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
@@ -620,9 +630,7 @@ class Store:
         assert info is not None
         return info
 
-    def _check_inputs(
-        self, parts: Mapping[str, Part], manifest: Mapping[str, Any], parent: str | None
-    ) -> None:
+    def _check_manifest(self, manifest: Mapping[str, Any]) -> None:
         secret = find_secret(manifest)
         if secret:
             raise StoreError(
@@ -632,39 +640,45 @@ class Store:
         reserved = sorted(set(manifest) & set(STORE_KEYS))
         if reserved:
             raise StoreError(f"the store sets {reserved} itself; leave them out of the manifest")
-        kinds = []
-        for rel, part in parts.items():
-            kind, name, _ = parse_part(rel)
-            kinds.append(kind)
-            # A shared file stays in its table or split: anything else reads as another schema.
-            if isinstance(part, SharedFile) and not part.rel.startswith(f"{kind}/{name}/"):
-                raise StoreError(
-                    f"{part.rel!r} of version {part.version_id} cannot be shared as {rel!r}: "
-                    f"only a part of {kind}/{name}/ can"
-                )
-        if "data" not in kinds:
-            raise StoreError("a version needs at least one data part (data/<split>/<part>.parquet)")
-        if parent is not None and self._info(parent) is None:
-            raise StoreError(f"parent {parent!r} is not a complete version of {self.location}")
 
-    def _write_data(self, staging: str, parts: Mapping[str, Part]) -> dict[str, Any]:
+    @staticmethod
+    def _check_part(rel: str, part: Part) -> tuple[str, str]:
+        kind, name, _ = parse_part(rel)
+        # A shared file stays in its table or split: anything else reads as another schema.
+        if isinstance(part, SharedFile) and not part.rel.startswith(f"{kind}/{name}/"):
+            raise StoreError(
+                f"{part.rel!r} of version {part.version_id} cannot be shared as {rel!r}: "
+                f"only a part of {kind}/{name}/ can"
+            )
+        return kind, name
+
+    def _write_data(self, staging: str, parts: Iterable[tuple[str, Part]]) -> dict[str, Any]:
         files: dict[str, Any] = {}
-        have_tables = {parse_part(rel)[1] for rel in parts if rel.startswith("tables/")}
-        empty = {
-            f"tables/{name}/{EMPTY_PART}.parquet": SCHEMAS[name].empty_table()
-            for name in TABLES
-            if name not in have_tables
-        }
-        for rel, part in sorted({**parts, **empty}.items()):
-            kind, name, _ = parse_part(rel)
-            target = join(staging, rel)
-            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            if isinstance(part, SharedFile):
-                files[rel] = self._share(part, target)
-            else:
-                tbl = _conform(name, part) if kind == "tables" else part
-                files[rel] = _write_parquet(self.fs, target, tbl)
-        return files
+        have_tables: set[str] = set()
+        for rel, part in parts:
+            kind, name = self._check_part(rel, part)
+            if rel in files:
+                raise StoreError(f"part {rel!r} given twice")
+            if kind == "tables":
+                have_tables.add(name)
+            files[rel] = self._write_part(staging, rel, kind, name, part)
+        if not any(rel.startswith("data/") for rel in files):
+            raise StoreError("a version needs at least one data part (data/<split>/<part>.parquet)")
+        for name in TABLES:
+            if name not in have_tables:
+                rel = f"tables/{name}/{EMPTY_PART}.parquet"
+                files[rel] = self._write_part(
+                    staging, rel, "tables", name, SCHEMAS[name].empty_table()
+                )
+        return dict(sorted(files.items()))
+
+    def _write_part(self, staging: str, rel: str, kind: str, name: str, part: Part) -> Any:
+        target = join(staging, rel)
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        if isinstance(part, SharedFile):
+            return self._share(part, target)
+        tbl = _conform(name, part) if kind == "tables" else part
+        return _write_parquet(self.fs, target, tbl)
 
     def _share(self, shared: SharedFile, target: str) -> dict[str, Any]:
         """Reuse a file of a complete version: a hard link locally, a copy elsewhere."""
