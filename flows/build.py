@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed, wait
 
 from flows import progress
+from vlpref import heap
 from vlpref.config import RunConfig, load_config
 from vlpref.errors import ConfigError
 from vlpref.gctune import throughput_gc
@@ -96,7 +97,9 @@ def _finish(
     workspace: Workspace, output: Any, key: str, tables: dict[str, Any], started: float
 ) -> StageRef:
     output.extra["elapsed_s"] = round(time.perf_counter() - started, 3)
-    return _done(workspace.write(output, key, tables))
+    ref = _done(workspace.write(output, key, tables))
+    heap.trim()  # what earlier stages freed goes back to the OS (vlpref/heap.py)
+    return ref
 
 
 def _done(ref: StageRef) -> StageRef:
@@ -261,6 +264,7 @@ def run_branches(
             in_flight.append(futures["pairs"])
         finished = next(as_completed(in_flight))
         in_flight.remove(finished)
+        heap.trim()  # a whole branch's working set was just freed
     wait([f for futures in branches.values() for f in futures.values()])
     return branches
 
