@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv test lint typecheck unit demo clean bench bench-peers test-vllm
+.PHONY: venv test lint typecheck unit demo clean bench bench-peers bench-scale test-vllm
 
 venv: $(STAMP)
 
@@ -64,6 +64,17 @@ bench: $(STAMP)
 bench-peers: $(STAMP)
 	@$(BIN)/python -c "import pyinstrument" 2>/dev/null || $(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench --peers
+
+# The pipeline at scale (issue 6): 3,000 and 30,000 questions x 12 models at 0 and 50 ms, reruns
+# timed on the 30,000 builds; bench/results/YYYY-MM-DD-scale.md. About 90 minutes on 2 cores.
+SCALE_RUNS := bench/results/$(shell date +%F)-scale.jsonl
+bench-scale: $(STAMP)
+	rm -f $(SCALE_RUNS)
+	$(BIN)/python -m bench.scale_run --questions 3000 --json-out $(SCALE_RUNS)
+	$(BIN)/python -m bench.scale_run --questions 30000 --rerun --json-out $(SCALE_RUNS)
+	$(BIN)/python -m bench.scale_run --questions 3000 --latency-ms 50 --json-out $(SCALE_RUNS)
+	$(BIN)/python -m bench.scale_run --questions 30000 --latency-ms 50 --json-out $(SCALE_RUNS)
+	$(BIN)/python -m bench.scale_report $(SCALE_RUNS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .mypy_cache .ruff_cache .pytest_cache

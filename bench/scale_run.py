@@ -52,6 +52,8 @@ def sim_config(models: int, latency_ms: float) -> dict[str, Any]:
     served: dict[str, Any] = {
         f"sim-m{i:02d}": {"persona": PERSONAS[i % len(PERSONAS)]} for i in range(models)
     }
+    # One persona more than the run uses: the model `--rerun` adds (sim-mNN) is already served.
+    served[f"sim-m{models:02d}"] = {"persona": PERSONAS[models % len(PERSONAS)]}
     served["sim-judge"] = {"persona": "judge"}
     return {"latency": {"kind": "constant", "ms": latency_ms}, "models": served}
 
@@ -180,7 +182,17 @@ def main() -> None:
         "--pairs", type=int, default=3, help="pairwise candidate pairs per question"
     )
     parser.add_argument("--parallel-branches", type=int, default=8)
-    parser.add_argument("--rerun", action="store_true", help="also time a no-change rerun")
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="after the build, time a no-change rerun, a one-branch rerun and adding a model",
+    )
+    parser.add_argument(
+        "--reruns-only",
+        action="store_true",
+        help="skip the build: --root holds one made with the same arguments; time the reruns",
+    )
+    parser.add_argument("--json-out", default=None, help="append the result line to this file")
     parser.add_argument(
         "--client-requests",
         type=int,
@@ -202,13 +214,18 @@ def main() -> None:
             SimServer(sim_config(args.models, args.latency_ms)) as sim,
         ):
             path = run_config(root, sim.base_url, args)
+            if args.reruns_only:
+                result = {"questions_target": args.questions, "models": args.models}
+                result.update(time_reruns(path, sim, build_seconds=None))
+                _emit(result, args.json_out)
+                return
             cpu0 = _cpu_seconds()
             t0 = time.perf_counter()
             version_id = build_dataset(path)
             elapsed = time.perf_counter() - t0
             cpu = _cpu_seconds() - cpu0
             total = sim.counters()["total"]
-            result: dict[str, Any] = {
+            result = {
                 "questions_target": args.questions,
                 "models": args.models,
                 "latency_ms": args.latency_ms,
@@ -223,12 +240,9 @@ def main() -> None:
             }
             # Read before anything else runs: the replay below holds its requests in memory.
             peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            manifest = Store(str(root / "store")).open(version_id).manifest
             if args.rerun:
-                t1 = time.perf_counter()
-                build_dataset(path)
-                result["rerun_seconds"] = round(time.perf_counter() - t1, 2)
-                result["rerun_requests"] = sim.counters()["total"] - total
-                result["rerun_share_of_build"] = round(result["rerun_seconds"] / elapsed, 4)
+                result.update(time_reruns(path, sim, build_seconds=elapsed))
             if args.client_requests:
                 args.requests_sent = total
                 before = sim.counters()["total"]
@@ -240,7 +254,6 @@ def main() -> None:
                 result["client_requests_per_s"] = round(rate, 1)
                 result["client_cpu_us_per_request"] = round(cpu_us)
                 result["pipeline_vs_client"] = round(result["requests_per_s"] / rate, 3)
-            manifest = Store(str(root / "store")).open(version_id).manifest
         stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         stage_req: Counter[str] = Counter()
         for branch in manifest["branches"].values():
@@ -254,8 +267,51 @@ def main() -> None:
         result["stage_requests"] = dict(stage_req)
         result["stage_task_seconds_summed"] = {k: round(v, 1) for k, v in stage_s.items()}
         result["peak_rss_mb"] = round(peak_rss_mb, 1)
-        print(json.dumps(result))
-        sys.stdout.flush()
+        _emit(result, args.json_out)
+
+
+def _emit(result: dict[str, Any], json_out: str | None) -> None:
+    line = json.dumps(result)
+    print(line)
+    sys.stdout.flush()
+    if json_out:
+        with open(json_out, "a") as f:
+            f.write(line + "\n")
+
+
+def time_reruns(path: str, sim: SimServer, build_seconds: float | None) -> dict[str, Any]:
+    """The rerun costs of the issue, on the build at `path`: a no-change rerun, a rerun of one
+    branch (the taxonomy's first, unchanged) and the same config with one more response model.
+    Seconds of wall time and requests that reached the sim server, each."""
+    from flows.build import build_dataset
+    from vlpref.taxonomy import load_taxonomy
+
+    data = yaml.safe_load(Path(path).read_text())
+    first_leaf = load_taxonomy(data["taxonomy"]).leaves()[0].path
+    out: dict[str, Any] = {}
+
+    def timed(name: str, config_path: str, only: list[str] | None = None) -> None:
+        before = sim.counters()["total"]
+        t0 = time.perf_counter()
+        build_dataset(config_path, only=only)
+        seconds = time.perf_counter() - t0
+        out[f"{name}_seconds"] = round(seconds, 2)
+        out[f"{name}_requests"] = sim.counters()["total"] - before
+        if build_seconds:
+            out[f"{name}_share_of_build"] = round(seconds / build_seconds, 4)
+
+    timed("rerun", path)
+    timed("one_branch_rerun", path, only=[first_leaf])
+    extra = dict(data)
+    n = len(data["models"])
+    extra["models"] = [
+        *data["models"],
+        {**data["models"][0], "name": f"m{n:02d}", "model": f"sim-m{n:02d}"},
+    ]
+    extra_path = str(Path(path).with_name("run-plus-one-model.yaml"))
+    Path(extra_path).write_text(yaml.safe_dump(extra, sort_keys=False))
+    timed("add_model", extra_path)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,218 @@
+"""The markdown report of the scale runs: figures from `bench.scale_run --json-out`, targets judged.
+
+    python -m bench.scale_report RESULTS.jsonl [--out bench/results/YYYY-MM-DD-scale.md]
+
+Each line of RESULTS.jsonl is one `scale_run` result. A scale run takes minutes to tens of minutes
+on the 2-core machine, so every figure here is one run, not a median: the report says so. The
+targets (issue 6) are judged on the runs present; one that has no run to judge is "not run".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from bench.report import _version, machine, versions
+
+SMALL, LARGE = 3_000, 30_000
+OVERHEAD_TARGET = 0.70
+MEMORY_RATIO_TARGET = 1.3
+MEMORY_CAP_MB = 2048
+RERUN_SHARE_TARGET = 0.05
+
+
+def load(path: str) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"{path}:{n}: not a JSON line ({exc})") from exc
+    return rows
+
+
+def _builds(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in rows if "seconds" in r]
+
+
+def _find(rows: Sequence[Mapping[str, Any]], target: int, latency: float) -> Mapping[str, Any]:
+    for r in rows:
+        if r["questions_target"] == target and r.get("latency_ms") == latency:
+            return r
+    return {}
+
+
+def _verdict(ok: bool) -> str:
+    return "**MET**" if ok else "**MISSED**"
+
+
+def targets(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per target and latency: the figure, the threshold, MET / MISSED / not run."""
+    builds = _builds(rows)
+    lines = []
+    for latency in sorted({float(r["latency_ms"]) for r in builds}):
+        small, large = _find(builds, SMALL, latency), _find(builds, LARGE, latency)
+        for run in (large, small):
+            if run and "pipeline_vs_client" in run:
+                ratio = run["pipeline_vs_client"]
+                lines.append(
+                    f"- Pipeline overhead, {run['questions_target']:,} questions, {latency:g} ms: "
+                    f"{run['requests_per_s']:,.0f} req/s end to end vs "
+                    f"{run['client_requests_per_s']:,.0f} req/s for the client alone on the "
+                    f"same requests = {ratio:.2f}× (target ≥ {OVERHEAD_TARGET:.2f}×): "
+                    f"{_verdict(ratio >= OVERHEAD_TARGET)}"
+                )
+        if small and large:
+            ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
+            ok = ratio <= MEMORY_RATIO_TARGET and large["peak_rss_mb"] < MEMORY_CAP_MB
+            lines.append(
+                f"- Memory, {latency:g} ms: peak RSS {large['peak_rss_mb']:,.0f} MB at "
+                f"{large['questions']:,} questions vs {small['peak_rss_mb']:,.0f} MB at "
+                f"{small['questions']:,} = {ratio:.2f}× (target ≤ {MEMORY_RATIO_TARGET}× and "
+                f"under {MEMORY_CAP_MB:,} MB): {_verdict(ok)}"
+            )
+        else:
+            lines.append(f"- Memory, {latency:g} ms: not run (needs a 3,000 and a 30,000 run)")
+        if large and "rerun_requests" in large:
+            share = large["rerun_share_of_build"]
+            ok = large["rerun_requests"] == 0 and share <= RERUN_SHARE_TARGET
+            lines.append(
+                f"- No-change rerun of the {large['questions']:,}-question build, {latency:g} ms: "
+                f"{large['rerun_requests']} requests, {large['rerun_seconds']:,.1f} s = "
+                f"{share:.1%} of the build's {large['seconds']:,.0f} s (target 0 requests and "
+                f"≤ {RERUN_SHARE_TARGET:.0%}): {_verdict(ok)}"
+            )
+    return lines
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def render(rows: Sequence[Mapping[str, Any]], title_date: str) -> str:
+    builds = _builds(rows)
+    lines = [
+        f"# vlpref scale runs, {title_date}",
+        "",
+        "`python -m bench.scale_run` (the SPA-VL taxonomy, 53 branches, typographic images, "
+        "12 sim response models and the sim judge, concurrency 256) through the real flow on a "
+        "local Prefect server. One run per line: a scale run takes minutes to tens of minutes "
+        "here, so these are single runs, not medians.",
+        "",
+        "## Machine and versions",
+        "",
+        *_table(["", ""], [*machine(), *versions({"prefect": _version("prefect")})]),
+        "",
+        "## Targets",
+        "",
+        *targets(rows),
+        "",
+        "## Builds",
+        "",
+        *_table(
+            [
+                "questions",
+                "latency",
+                "requests",
+                "seconds",
+                "req/s",
+                "client alone, req/s",
+                "pipeline / client",
+                "flow CPU µs/request",
+                "client CPU µs/request",
+                "peak RSS MB",
+            ],
+            (
+                [
+                    f"{r['questions']:,}",
+                    f"{r['latency_ms']:g} ms",
+                    f"{r['requests']:,}",
+                    f"{r['seconds']:,.0f}",
+                    f"{r['requests_per_s']:,.0f}",
+                    f"{r['client_requests_per_s']:,.0f}" if "client_requests_per_s" in r else "",
+                    f"{r['pipeline_vs_client']:.2f}" if "pipeline_vs_client" in r else "",
+                    r.get("cpu_us_per_request", ""),
+                    r.get("client_cpu_us_per_request", ""),
+                    f"{r['peak_rss_mb']:,.0f}",
+                ]
+                for r in builds
+            ),
+        ),
+        "",
+        "Requests per stage (summed task seconds, which overlap across branches in flight):",
+        "",
+        *_table(
+            ["questions", "latency", *(f"{s} requests (task s)" for s in _stages(builds))],
+            (
+                [
+                    f"{r['questions']:,}",
+                    f"{r['latency_ms']:g} ms",
+                    *(
+                        f"{r['stage_requests'].get(s, 0):,} "
+                        f"({r['stage_task_seconds_summed'].get(s, 0):,.0f})"
+                        for s in _stages(builds)
+                    ),
+                ]
+                for r in builds
+            ),
+        ),
+        "",
+        "## Rerun costs",
+        "",
+        *_table(
+            ["build", "run", "seconds", "requests", "share of the build's time"],
+            _rerun_rows(rows),
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _stages(builds: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(builds[0]["stage_requests"]) if builds else []
+
+
+def _rerun_rows(rows: Sequence[Mapping[str, Any]]) -> Iterable[list[str]]:
+    names = {
+        "rerun": "no-change rerun",
+        "one_branch_rerun": "one-branch rerun (unchanged)",
+        "add_model": "add a 13th response model",
+    }
+    for r in rows:
+        if "rerun_requests" not in r:
+            continue
+        label = f"{r.get('questions', r['questions_target']):,} questions"
+        if "seconds" in r:
+            yield [label, "full build", f"{r['seconds']:,.1f}", f"{r['requests']:,}", "1"]
+        for key, name in names.items():
+            if f"{key}_requests" in r:
+                share = r.get(f"{key}_share_of_build")
+                yield [
+                    label,
+                    name,
+                    f"{r[f'{key}_seconds']:,.1f}",
+                    f"{r[f'{key}_requests']:,}",
+                    f"{share:.1%}" if share is not None else "",
+                ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("results", help="JSON lines written by bench.scale_run --json-out")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    today = date.today().isoformat()
+    out = Path(args.out or Path(__file__).parent / "results" / f"{today}-scale.md")
+    out.write_text(render(load(args.results), today))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The scale report judges each issue-6 target from the runs' JSON lines, and says when a target
+has no run to judge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.scale_report import load, render, targets
+
+
+def build(questions: int, latency: float = 0.0, **extra: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "questions_target": questions,
+        "questions": questions + 21,
+        "models": 12,
+        "latency_ms": latency,
+        "concurrency": 256,
+        "seconds": questions / 25,
+        "requests": questions * 43,
+        "requests_per_s": 1000.0,
+        "client_requests_per_s": 1500.0,
+        "pipeline_vs_client": 0.667,
+        "cpu_us_per_request": 950,
+        "client_cpu_us_per_request": 550,
+        "peak_rss_mb": 850.0,
+        "stage_requests": {"questions": 10, "responses": 20, "judge": 30},
+        "stage_task_seconds_summed": {"questions": 1.0, "responses": 2.0, "judge": 3.0},
+    }
+    row.update(extra)
+    return row
+
+
+def test_each_target_is_judged_against_its_threshold() -> None:
+    small = build(3000, peak_rss_mb=850.0)
+    large = build(
+        30000,
+        peak_rss_mb=1050.0,
+        pipeline_vs_client=0.71,
+        rerun_requests=0,
+        rerun_seconds=30.0,
+        rerun_share_of_build=0.025,
+    )
+    lines = targets([small, large])
+    overhead_large, overhead_small, memory, rerun = lines
+    assert "30,000 questions" in overhead_large and "**MET**" in overhead_large
+    assert "3,000 questions" in overhead_small and "**MISSED**" in overhead_small  # 0.667
+    assert "1.24×" in memory and "**MET**" in memory
+    assert "0 requests" in rerun and "**MET**" in rerun
+
+
+def test_memory_over_the_cap_or_the_ratio_is_missed() -> None:
+    over_ratio = targets([build(3000, peak_rss_mb=800.0), build(30000, peak_rss_mb=1100.0)])
+    assert "**MISSED**" in next(line for line in over_ratio if "Memory" in line)
+    over_cap = targets([build(3000, peak_rss_mb=1900.0), build(30000, peak_rss_mb=2100.0)])
+    assert "**MISSED**" in next(line for line in over_cap if "Memory" in line)
+
+
+def test_a_rerun_that_sends_requests_is_missed_and_a_missing_run_is_said() -> None:
+    large = build(30000, rerun_requests=3, rerun_seconds=1.0, rerun_share_of_build=0.001)
+    lines = targets([large])
+    assert "**MISSED**" in next(line for line in lines if "No-change rerun" in line)
+    assert any("Memory" in line and "not run" in line for line in lines)
+
+
+def test_the_report_renders_from_json_lines(tmp_path: Path) -> None:
+    path = tmp_path / "runs.jsonl"
+    rows = [
+        build(3000),
+        {
+            "questions_target": 30000,
+            "models": 12,
+            "rerun_requests": 0,
+            "rerun_seconds": 9.0,
+            "add_model_requests": 7,
+            "add_model_seconds": 5.0,
+        },
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = render(load(str(path)), "2026-11-22")
+    assert text.startswith("# vlpref scale runs, 2026-11-22")
+    assert "| 3,021 | 0 ms | 129,000 |" in text
+    assert "| 30,000 questions | add a 13th response model | 5.0 | 7 |" in text
