@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -22,6 +22,7 @@ from vlpref.judging import (
     parse_pairwise,
     parse_ratings,
     parse_safety,
+    token_at,
 )
 from vlpref.records import JUDGMENTS, table
 
@@ -535,6 +536,40 @@ def test_align_tokens_on_joined_tokens_is_exact(tokens: list[str]) -> None:
     for token, span in zip(tokens, spans, strict=True):
         assert span == (pos, pos + len(token))
         pos += len(token)
+
+
+def _covering(spans: list[tuple[int, int] | None], offset: int) -> int | None:
+    return next((i for i, sp in enumerate(spans) if sp and sp[0] <= offset < sp[1]), None)
+
+
+@settings(max_examples=100)
+@given(
+    st.lists(
+        st.sampled_from(["safe", " A", "\n", "4", ":", " the", "Ġok", "bytes:\\xe2", " "]),
+        max_size=20,
+    ),
+    st.text(alphabet="safe A\n4:theok—", max_size=30),
+    st.integers(min_value=0, max_value=40),
+)
+def test_token_at_stops_early_and_agrees_with_the_full_alignment(
+    tokens: list[str], text: str, offset: int
+) -> None:
+    # Any text, not only the tokens joined: misaligned and resynced tokens included.
+    assert token_at(text, tokens, offset) == _covering(align_tokens(text, tokens), offset)
+    joined = "".join(tokens)
+    assert token_at(joined, tokens, offset) == _covering(align_tokens(joined, tokens), offset)
+
+
+def test_token_at_reads_no_further_than_the_offset() -> None:
+    read: list[str] = []
+
+    def tokens() -> Iterator[str]:
+        for token in ["unsafe", "\n", "Rationale", ":", " long", " text"] * 100:
+            read.append(token)
+            yield token
+
+    assert token_at("unsafe\nRationale: long text" + " long text" * 99, tokens(), 0) == 0
+    assert len(read) == 1
 
 
 # ----------------------------------------------------------------------------- the simulated judge

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -322,10 +322,22 @@ def _place(text: str, pos: int, token: str) -> tuple[int, int] | None:
     return None
 
 
-def _token_at(spans: Sequence[tuple[int, int] | None], offset: int) -> int | None:
-    for index, span in enumerate(spans):
-        if span is not None and span[0] <= offset < span[1]:
+def token_at(text: str, tokens: Iterable[str], offset: int) -> int | None:
+    """The index of the token whose span (as `align_tokens` places it) covers `offset`, or None.
+
+    Spans only move forward, so this stops at the first span past `offset`: a verdict near the
+    start of a long rationale costs a few tokens, not the whole answer (the judge stage asks this
+    of every answer, once per rated aspect)."""
+    pos = 0
+    for index, token in enumerate(tokens):
+        span = _place(text, pos, token)
+        if span is None:
+            continue
+        if span[0] <= offset < span[1]:
             return index
+        if span[0] > offset:
+            return None
+        pos = span[1]
     return None
 
 
@@ -428,8 +440,7 @@ def _distribution_at(
     """The option distribution at the token covering `offset`, or None to fall back to text."""
     if not sample.logprobs:
         return None
-    spans = align_tokens(text, [t.token for t in sample.logprobs])
-    index = _token_at(spans, offset)
+    index = token_at(text, (t.token for t in sample.logprobs), offset)
     if index is None:
         return None
     entry = sample.logprobs[index]
