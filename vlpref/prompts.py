@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import string
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 from vlpref.errors import ConfigError
@@ -39,16 +39,22 @@ class Prompt:
         """The template's content hash (name included: two templates never share a version)."""
         return hashlib.sha256(f"{self.name}\n{self.text}".encode()).hexdigest()[:16]
 
-    @property
+    @cached_property
     def fields(self) -> frozenset[str]:
-        template = string.Template(self.text)
+        # Cached, like `_template`: a stage renders a template once per request.
         return frozenset(
             m.group("named") or m.group("braced")
-            for m in template.pattern.finditer(self.text)
+            for m in self._template.pattern.finditer(self.text)
             if m.group("named") or m.group("braced")
         )
 
+    @cached_property
+    def _template(self) -> string.Template:
+        return string.Template(self.text)
+
     def render(self, **values: str) -> str:
+        if values.keys() == self.fields:
+            return self._template.substitute(values)
         missing = self.fields - set(values)
         extra = set(values) - self.fields
         if missing or extra:
