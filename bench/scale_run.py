@@ -102,6 +102,11 @@ def run_config(root: Path, base_url: str, args: argparse.Namespace) -> str:
             "judge": {"max_pairs_per_question": args.pairs},
         },
     }
+    if getattr(args, "branches", None):
+        from vlpref.taxonomy import load_taxonomy
+
+        leaves = load_taxonomy(str(data["taxonomy"])).leaves()
+        data["only"] = [leaf.path for leaf in leaves[: args.branches]]
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)
@@ -182,6 +187,13 @@ def main() -> None:
         "--pairs", type=int, default=3, help="pairwise candidate pairs per question"
     )
     parser.add_argument("--parallel-branches", type=int, default=8)
+    parser.add_argument(
+        "--branches",
+        type=int,
+        default=None,
+        help="build only the first N branches, each as large as in the full run (a quick proxy "
+        "for the full run's peak memory, which depends on the branches in flight)",
+    )
     parser.add_argument(
         "--rerun",
         action="store_true",

@@ -28,7 +28,7 @@ from vlpref.errors import JudgeParseError
 from vlpref.journal import Journal
 from vlpref.judging import parse_pairwise, parse_ratings, parse_safety
 from vlpref.prompts import load_prompt
-from vlpref.records import JUDGMENTS, stable_id, table
+from vlpref.records import JUDGMENTS, TableBuilder, iter_rows, sorted_by, stable_id
 from vlpref.runner import BatchStats
 from vlpref.selection import Candidate, candidate_pairs, safety_groups, safety_rates, score_weights
 from vlpref.service import ModelService
@@ -169,7 +169,10 @@ def judge_responses(
     )
 
     if stage.pairwise and stage.max_pairs_per_question > 0:
-        candidates = candidates_from_judgments(response_rows, rows)
+        candidates = candidates_from_judgments(
+            response_rows,
+            iter_rows(rows.table(), ("kind", "response_id", "aspect", "score")),
+        )
         groups = safety_groups(
             safety_rates(c for cs in candidates.values() for c in cs),
             config.stages.pairs.safety_groups,
@@ -210,19 +213,15 @@ def judge_responses(
             stage.max_attempts,
             stats,
         )
-        rows.extend(pair_rows)
+        tables = [rows.table(), pair_rows.table()]
         failures.extend(pair_failures)
         n_calls += n_pair_calls
+    else:
+        tables = [rows.table()]
     n_ok = n_calls - len(failures)
-
-    rows.sort(
-        key=lambda r: (
-            r["question_id"],
-            r["kind"],
-            r["response_id"],
-            r["other_response_id"] or "",
-            r["aspect"] or "",
-        )
+    judgments = sorted_by(
+        pa.concat_tables(tables),
+        ("question_id", "kind", "response_id", "other_response_id", "aspect", "judge"),
     )
     return StageOutput(
         stage="judge",
@@ -230,10 +229,10 @@ def judge_responses(
         unit="judge calls",
         n_in=n_calls,
         n_out=n_ok,
-        rows=table(rows, JUDGMENTS),
+        rows=judgments,
         failures=tuple(failures),
         extra={
-            "judgments": len(rows),
+            "judgments": judgments.num_rows,
             "requests_sent": stats.sent,
             "requests_cached": stats.cached,
         },
@@ -287,11 +286,11 @@ def _run_calls(
     service: ModelService,
     max_attempts: int,
     stats: BatchStats,
-) -> tuple[Parsed, list[FailureRow], int]:
+) -> tuple[TableBuilder, list[FailureRow], int]:
     """Ask every call, re-asking unparseable answers with a new seed; one failure per call that
     never produced a parseable answer. Returns (rows, failures, number of calls)."""
     judges = {j.name: j for j in config.judges}
-    rows: Parsed = []
+    rows = TableBuilder(JUDGMENTS)
     live: dict[str, _Call] = {}  # calls in flight
     last_error: dict[str, tuple[str, str]] = {}
     tries: dict[str, int] = defaultdict(int)
@@ -331,6 +330,7 @@ def _run_calls(
             try:
                 rows.extend(call.parse(result.samples[0]))
                 last_error.pop(call_id, None)
+                del tries[call_id]  # only failures report their tries
             except JudgeParseError as exc:
                 last_error[call_id] = ("unparseable", str(exc))
                 retry[call.judge.name].append(call)
