@@ -6,6 +6,7 @@ its request counters prove how many attempts reached it.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import time
@@ -225,6 +226,43 @@ async def test_concurrency_limit_holds(sim: SimServer) -> None:
         t0 = time.perf_counter()
         await run(provider(slow, concurrency=4), requests("slow", 12))
         assert time.perf_counter() - t0 >= 0.15
+
+
+async def test_concurrency_is_shared_by_batches_and_taken_before_the_body_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three batches at once on one endpoint (as branches in flight share it): at most
+    `concurrency` requests have a body at any moment, not `concurrency` per batch."""
+    building = 0
+    most = 0
+    original = OpenAICompatProvider._request_body
+
+    def counting_body(self: OpenAICompatProvider, request: ChatRequest) -> bytes:
+        nonlocal building, most
+        building += 1
+        most = max(most, building)
+        return original(self, request)
+
+    async def settle(self: OpenAICompatProvider, *args: Any) -> Any:
+        nonlocal building
+        try:
+            return await attempt(self, *args)
+        finally:
+            building -= 1
+
+    attempt = OpenAICompatProvider._attempt
+    monkeypatch.setattr(OpenAICompatProvider, "_request_body", counting_body)
+    monkeypatch.setattr(OpenAICompatProvider, "_attempt", settle)
+    with SimServer(
+        {"latency": {"kind": "constant", "ms": 30}, "models": {"slow": {"persona": "echo"}}}
+    ) as slow:
+        p = provider(slow, concurrency=4)
+        async with p:
+            batches = await asyncio.gather(
+                *(complete_all(p, requests("slow", 10)) for _ in range(3))
+            )
+    assert [sum(r.ok for r in batch) for batch in batches] == [10, 10, 10]
+    assert most == 4
 
 
 async def test_max_retry_time_bounds_the_retries(sim: SimServer) -> None:
