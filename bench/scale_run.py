@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument(
         "--pairs", type=int, default=3, help="pairwise candidate pairs per question"
     )
-    parser.add_argument("--parallel-branches", type=int, default=8)
+    parser.add_argument("--parallel-branches", type=int, default=4)
     parser.add_argument(
         "--branches",
         type=int,
