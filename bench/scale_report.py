@@ -64,7 +64,7 @@ def targets(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                     f"- Pipeline overhead, {run['questions_target']:,} questions, {latency:g} ms: "
                     f"{run['requests_per_s']:,.0f} req/s end to end vs "
                     f"{run['client_requests_per_s']:,.0f} req/s for the client alone on the "
-                    f"same requests = {ratio:.2f}× (target ≥ {OVERHEAD_TARGET:.2f}×): "
+                    f"same requests = {ratio:.3f}× (target ≥ {OVERHEAD_TARGET:.2f}×): "
                     f"{_verdict(ratio >= OVERHEAD_TARGET)}"
                 )
         if small and large:
@@ -96,7 +96,7 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return out
 
 
-def render(rows: Sequence[Mapping[str, Any]], title_date: str) -> str:
+def render(rows: Sequence[Mapping[str, Any]], title_date: str, notes: str = "") -> str:
     builds = _builds(rows)
     lines = [
         f"# vlpref scale runs, {title_date}",
@@ -146,19 +146,17 @@ def render(rows: Sequence[Mapping[str, Any]], title_date: str) -> str:
             ),
         ),
         "",
-        "Requests per stage (summed task seconds, which overlap across branches in flight):",
+        "Requests per stage: requests sent, the stage's task seconds summed over branches (they "
+        "overlap: several branches are in flight), and requests/s per branch task (requests / "
+        "summed seconds; the end-to-end rate is about that times the branches in flight):",
         "",
         *_table(
-            ["questions", "latency", *(f"{s} requests (task s)" for s in _stages(builds))],
+            ["questions", "latency", *_stages(builds)],
             (
                 [
                     f"{r['questions']:,}",
                     f"{r['latency_ms']:g} ms",
-                    *(
-                        f"{r['stage_requests'].get(s, 0):,} "
-                        f"({r['stage_task_seconds_summed'].get(s, 0):,.0f})"
-                        for s in _stages(builds)
-                    ),
+                    *(_stage_cell(r, s) for s in _stages(builds)),
                 ]
                 for r in builds
             ),
@@ -172,7 +170,16 @@ def render(rows: Sequence[Mapping[str, Any]], title_date: str) -> str:
         ),
         "",
     ]
+    if notes:
+        lines += ["## Notes", "", notes.strip(), ""]
     return "\n".join(lines)
+
+
+def _stage_cell(run: Mapping[str, Any], stage: str) -> str:
+    sent = run["stage_requests"].get(stage, 0)
+    seconds = run["stage_task_seconds_summed"].get(stage, 0)
+    rate = f", {sent / seconds:,.0f} req/s" if sent and seconds else ""
+    return f"{sent:,} in {seconds:,.0f} s{rate}"
 
 
 def _stages(builds: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -207,10 +214,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("results", help="JSON lines written by bench.scale_run --json-out")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--notes", default=None, help="a markdown file appended as the notes")
     args = parser.parse_args()
     today = date.today().isoformat()
     out = Path(args.out or Path(__file__).parent / "results" / f"{today}-scale.md")
-    out.write_text(render(load(args.results), today))
+    notes = Path(args.notes).read_text() if args.notes else ""
+    out.write_text(render(load(args.results), today, notes))
     print(out)
 
 

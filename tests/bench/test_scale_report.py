@@ -81,4 +81,5 @@ def test_the_report_renders_from_json_lines(tmp_path: Path) -> None:
     text = render(load(str(path)), "2026-11-22")
     assert text.startswith("# vlpref scale runs, 2026-11-22")
     assert "| 3,021 | 0 ms | 129,000 |" in text
+    assert "20 in 2 s, 10 req/s" in text
     assert "| 30,000 questions | add a 13th response model | 5.0 | 7 |" in text
