@@ -44,6 +44,7 @@ from vlpref.service import ModelService
 from vlpref.sim.testing import SimServer
 
 REPO = Path(__file__).resolve().parent.parent
+TAXONOMY = REPO / "taxonomy" / "spa_vl.yaml"
 PERSONAS = ["refuser", "safe-helpful", "over-compliant", "jailbroken", "mixed", "filtered"]
 STAGES = ("images", "questions", "responses", "judge", "pairs")
 
@@ -63,7 +64,7 @@ def run_config(root: Path, base_url: str, args: argparse.Namespace) -> str:
     data = {
         "name": "scale",
         "parallel_branches": args.parallel_branches,
-        "taxonomy": str(REPO / "taxonomy" / "spa_vl.yaml"),
+        "taxonomy": str(TAXONOMY),
         "workspace": str(root / "ws"),
         "store": str(root / "store"),
         "endpoints": {
@@ -103,32 +104,33 @@ def run_config(root: Path, base_url: str, args: argparse.Namespace) -> str:
         },
     }
     if getattr(args, "branches", None):
-        from vlpref.taxonomy import load_taxonomy
-
-        leaves = load_taxonomy(str(data["taxonomy"])).leaves()
-        data["only"] = [leaf.path for leaf in leaves[: args.branches]]
+        data["only"] = leaf_paths()[: args.branches]
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)
 
 
+def leaf_paths() -> list[str]:
+    """The SPA-VL taxonomy's leaves, in file order."""
+    from vlpref.taxonomy import load_taxonomy
+
+    return [leaf.path for leaf in load_taxonomy(str(TAXONOMY)).leaves()]
+
+
 def record_requests(
-    root: Path, base_url: str, args: argparse.Namespace, min_requests: int
+    root: Path, base_url: str, args: argparse.Namespace, requests_sent: int, min_requests: int
 ) -> list[ChatRequest]:
     """The requests a rebuild of the first few branches hands the model service (see the module
-    docstring); enough branches for at least `min_requests`, all answered from the journal."""
+    docstring); enough branches for at least `min_requests` (the build sent `requests_sent`),
+    all answered from the journal."""
     from flows.build import build_dataset
-    from vlpref.taxonomy import load_taxonomy
 
     replay = root / "replay"
     shutil.copytree(root / "ws" / "journal", replay / "ws" / "journal", copy_function=os.link)
-    path = run_config(replay, base_url, args)
-    data = yaml.safe_load(Path(path).read_text())
-    leaves = load_taxonomy(data["taxonomy"]).leaves()
-    per_branch = max(1, args.requests_sent // len(leaves))
-    count = min(len(leaves), math.ceil(min_requests / per_branch))
-    data["only"] = [leaf.path for leaf in leaves[:count]]
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    leaves = len(leaf_paths())
+    per_branch = max(1, requests_sent // leaves)
+    branches = min(leaves, math.ceil(min_requests / per_branch))
+    path = run_config(replay, base_url, argparse.Namespace(**{**vars(args), "branches": branches}))
 
     recorded: list[ChatRequest] = []
     original = ModelService.run
@@ -256,9 +258,10 @@ def main() -> None:
             if args.rerun:
                 result.update(time_reruns(path, sim, build_seconds=elapsed))
             if args.client_requests:
-                args.requests_sent = total
                 before = sim.counters()["total"]
-                recorded = record_requests(root, sim.base_url, args, args.client_requests)
+                recorded = record_requests(
+                    root, sim.base_url, args, total, min_requests=args.client_requests
+                )
                 if sim.counters()["total"] != before:
                     raise RuntimeError("the recording rebuild sent requests: journal not shared")
                 rate, cpu_us = replay(recorded, sim.base_url, args.concurrency, root)
@@ -296,10 +299,9 @@ def time_reruns(path: str, sim: SimServer, build_seconds: float | None) -> dict[
     branch (the taxonomy's first, unchanged) and the same config with one more response model.
     Seconds of wall time and requests that reached the sim server, each."""
     from flows.build import build_dataset
-    from vlpref.taxonomy import load_taxonomy
 
     data = yaml.safe_load(Path(path).read_text())
-    first_leaf = load_taxonomy(data["taxonomy"]).leaves()[0].path
+    first_leaf = leaf_paths()[0]
     out: dict[str, Any] = {}
 
     def timed(name: str, config_path: str, only: list[str] | None = None) -> None:

@@ -159,19 +159,19 @@ def judge_responses(
                 )
 
     stats = BatchStats()
-    rows, failures, n_calls = _run_calls(
-        {j.name: pointwise_calls(j) for j in config.judges},
-        config,
-        journal,
-        service,
-        stage.max_attempts,
-        stats,
-    )
+
+    def run_phase(
+        calls_for: Callable[[ModelEntry], Iterator[_Call]],
+    ) -> tuple[TableBuilder, list[FailureRow], int]:
+        calls = {j.name: calls_for(j) for j in config.judges}
+        return _run_calls(calls, config, journal, service, stage.max_attempts, stats)
+
+    rows, failures, n_calls = run_phase(pointwise_calls)
+    tables = [rows.table()]
 
     if stage.pairwise and stage.max_pairs_per_question > 0:
         candidates = candidates_from_judgments(
-            response_rows,
-            iter_rows(rows.table(), ("kind", "response_id", "aspect", "score")),
+            response_rows, iter_rows(tables[0], ("kind", "response_id", "aspect", "score"))
         )
         groups = safety_groups(
             safety_rates(c for cs in candidates.values() for c in cs),
@@ -205,19 +205,10 @@ def judge_responses(
                             _pairwise_parser(base_row, judge, first, second),
                         )
 
-        pair_rows, pair_failures, n_pair_calls = _run_calls(
-            {j.name: pairwise_calls(j) for j in config.judges},
-            config,
-            journal,
-            service,
-            stage.max_attempts,
-            stats,
-        )
-        tables = [rows.table(), pair_rows.table()]
+        pair_rows, pair_failures, n_pair_calls = run_phase(pairwise_calls)
+        tables.append(pair_rows.table())
         failures.extend(pair_failures)
         n_calls += n_pair_calls
-    else:
-        tables = [rows.table()]
     n_ok = n_calls - len(failures)
     judgments = sorted_by(
         pa.concat_tables(tables),

@@ -53,17 +53,13 @@ class Prompt:
         return string.Template(self.text)
 
     def render(self, **values: str) -> str:
-        if values.keys() == self.fields:
-            return self._template.substitute(values)
-        missing = self.fields - set(values)
-        extra = set(values) - self.fields
-        if missing or extra:
+        if values.keys() != self.fields:
             raise ConfigError(
-                f"template fields do not match: missing {sorted(missing)}, "
-                f"unexpected {sorted(extra)}",
+                f"template fields do not match: missing {sorted(self.fields - values.keys())}, "
+                f"unexpected {sorted(values.keys() - self.fields)}",
                 file=self.file,
             )
-        return string.Template(self.text).substitute(values)
+        return self._template.substitute(values)
 
 
 @cache

@@ -597,7 +597,7 @@ class Store:
         directory is removed and no version appears.
         """
         if not callable(manifest):
-            self._check_manifest(manifest)
+            self._check_manifest(manifest)  # before any writing; a factory's after it
         if parent is not None and self._info(parent) is None:
             raise StoreError(f"parent {parent!r} is not a complete version of {self.location}")
         now = datetime.now(UTC)
@@ -606,8 +606,11 @@ class Store:
         try:
             items = parts.items() if isinstance(parts, Mapping) else parts
             files = self._write_data(staging, items)
-            final = manifest() if callable(manifest) else manifest
-            self._check_manifest(final)
+            if callable(manifest):
+                final = manifest()
+                self._check_manifest(final)
+            else:
+                final = manifest
             digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
             version_id = f"{stamp}-{digest[:8]}"
             full: dict[str, Any] = {
@@ -654,16 +657,14 @@ class Store:
 
     def _write_data(self, staging: str, parts: Iterable[tuple[str, Part]]) -> dict[str, Any]:
         files: dict[str, Any] = {}
-        have_tables: set[str] = set()
         for rel, part in parts:
             kind, name = self._check_part(rel, part)
             if rel in files:
                 raise StoreError(f"part {rel!r} given twice")
-            if kind == "tables":
-                have_tables.add(name)
             files[rel] = self._write_part(staging, rel, kind, name, part)
         if not any(rel.startswith("data/") for rel in files):
             raise StoreError("a version needs at least one data part (data/<split>/<part>.parquet)")
+        have_tables = {parse_part(rel)[1] for rel in files if rel.startswith("tables/")}
         for name in TABLES:
             if name not in have_tables:
                 rel = f"tables/{name}/{EMPTY_PART}.parquet"
