@@ -24,6 +24,7 @@ from vlpref import heap
 from vlpref.config import RunConfig, load_config
 from vlpref.errors import ConfigError
 from vlpref.gctune import throughput_gc
+from vlpref.scheduling import AnswerBudget
 from vlpref.taxonomy import Subcategory, load_taxonomy
 from vlpref.workspace import StageRef, Workspace, stage_key
 
@@ -214,57 +215,89 @@ def pairs_task(
     return _finish(workspace, output, key, {"pairs": output.rows, "rankings": rankings}, started)
 
 
-def submit_branch(config: RunConfig, leaf: Subcategory) -> dict[str, PrefectFuture[StageRef]]:
-    """Submit one branch's chain of stage tasks; futures carry the dependencies (Prefect hands
-    each task the result of the futures it is given)."""
-
-    def after(future: PrefectFuture[StageRef]) -> StageRef:
-        return cast(StageRef, future)
-
+def submit_preparation(config: RunConfig, leaf: Subcategory) -> dict[str, PrefectFuture[StageRef]]:
+    """Submit a branch's images and questions: the cheap half of its chain, which tells how
+    large the rest will be. Futures carry the dependencies (Prefect hands each task the result of
+    the futures it is given)."""
     b = leaf.branch_id
     images = images_task.with_options(name=f"images/{b}").submit(config, leaf)
     questions = questions_task.with_options(name=f"questions/{b}").submit(
-        config, leaf, after(images)
+        config, leaf, _after(images)
     )
+    return {"images": images, "questions": questions}
+
+
+def submit_answers(
+    config: RunConfig, leaf: Subcategory, prepared: dict[str, PrefectFuture[StageRef]]
+) -> dict[str, PrefectFuture[StageRef]]:
+    """Submit the rest of a prepared branch's chain: responses, judge, pairs."""
+    b = leaf.branch_id
+    images, questions = _after(prepared["images"]), _after(prepared["questions"])
     responses = responses_task.with_options(name=f"responses/{b}").submit(
-        config, leaf, after(images), after(questions)
+        config, leaf, images, questions
     )
     judge = judge_task.with_options(name=f"judge/{b}").submit(
-        config, leaf, after(images), after(questions), after(responses)
+        config, leaf, images, questions, _after(responses)
     )
     pairs = pairs_task.with_options(name=f"pairs/{b}").submit(
-        config, leaf, after(questions), after(responses), after(judge)
+        config, leaf, questions, _after(responses), _after(judge)
     )
-    return {
-        "images": images,
-        "questions": questions,
-        "responses": responses,
-        "judge": judge,
-        "pairs": pairs,
-    }
+    return {**prepared, "responses": responses, "judge": judge, "pairs": pairs}
+
+
+def _after(future: PrefectFuture[StageRef]) -> StageRef:
+    return cast(StageRef, future)
 
 
 STAGES = ("images", "questions", "responses", "judge", "pairs")
 
 
+def branch_size(config: RunConfig, questions: PrefectFuture[StageRef]) -> int:
+    """The response samples a branch will hold once answering: its questions times the samples
+    per question. A branch whose questions stage failed holds none (its chain fails upstream)."""
+    try:
+        ref = questions.result()
+    except Exception:  # reported with the branch's other failures when the flow collects them
+        return 0
+    return int(ref.counts.get("out", 0)) * sum(m.sampling.n for m in config.models)
+
+
 def run_branches(
     config: RunConfig, leaves: list[Subcategory]
 ) -> dict[str, dict[str, PrefectFuture[StageRef]]]:
-    """Submit every branch's chain, keeping at most `parallel_branches` chains in flight: the
-    model service keeps every endpoint busy with a few branches, and each branch in flight holds
-    its requests and rows in memory. Returns when every chain has finished."""
+    """Run every branch's chain in two halves, and return when all have finished.
+
+    A branch is *prepared* (images, questions), then *answered* (responses, judge, pairs). At
+    most `parallel_branches` branches are in flight, and a prepared branch starts answering only
+    while `AnswerBudget` admits it: what an answering branch holds in memory (its responses,
+    judgments and rows) grows with its size, so a run of large branches answers one or two at a
+    time, and one of small branches several, each keeping the endpoints busy. Preparing the
+    next branches meanwhile overlaps their image rendering with the model calls."""
+    budget = AnswerBudget(config.parallel_branches, config.responses_in_flight)
     pending = list(reversed(leaves))
     branches: dict[str, dict[str, PrefectFuture[StageRef]]] = {}
-    in_flight: list[PrefectFuture[StageRef]] = []
-    while pending or in_flight:
-        while pending and len(in_flight) < config.parallel_branches:
-            leaf = pending.pop()
-            futures = submit_branch(config, leaf)
+    preparing: dict[Any, tuple[Subcategory, PrefectFuture[StageRef]]] = {}
+    ready: list[tuple[Subcategory, int]] = []  # prepared, waiting for the budget, in order
+    answering: dict[Any, tuple[PrefectFuture[StageRef], int]] = {}
+    while pending or preparing or ready or answering:
+        while ready and budget.admits([size for _, size in answering.values()], ready[0][1]):
+            leaf, size = ready.pop(0)
+            futures = submit_answers(config, leaf, branches[leaf.branch_id])
             branches[leaf.branch_id] = futures
-            in_flight.append(futures["pairs"])
-        finished = next(as_completed(in_flight))
-        in_flight.remove(finished)
-        heap.trim()  # a whole branch's working set was just freed
+            answering[futures["pairs"].task_run_id] = (futures["pairs"], size)
+        while pending and len(preparing) + len(ready) + len(answering) < budget.branches:
+            leaf = pending.pop()
+            futures = submit_preparation(config, leaf)
+            branches[leaf.branch_id] = futures
+            preparing[futures["questions"].task_run_id] = (leaf, futures["questions"])
+        waiting = [f for _, f in preparing.values()] + [f for f, _ in answering.values()]
+        finished = next(as_completed(waiting))
+        if finished.task_run_id in preparing:
+            leaf, _ = preparing.pop(finished.task_run_id)
+            ready.append((leaf, branch_size(config, finished)))
+        else:
+            del answering[finished.task_run_id]
+            heap.trim()  # a whole branch's working set was just freed
     wait([f for futures in branches.values() for f in futures.values()])
     return branches
 
@@ -281,7 +314,7 @@ def build_dataset(config: str, only: list[str] | None = None) -> str:
     if selected is not None and not selected:
         raise ConfigError("`only` is empty: name at least one taxonomy path prefix to rebuild")
     leaves = taxonomy.select(selected)
-    with throughput_gc():
+    with throughput_gc(), heap.system_arrow_pool():
         branches = run_branches(run_config, leaves)
         refs: dict[str, dict[str, StageRef]] = {}
         failed: list[str] = []

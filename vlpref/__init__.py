@@ -1,8 +1,10 @@
 """vlpref: build safety preference datasets for vision-language models."""
 
+from vlpref.heap import prefer_system_arrow_pool
 from vlpref.offline import apply_offline_defaults
 
 apply_offline_defaults()  # before anything imports Prefect
+prefer_system_arrow_pool()  # before anything imports pyarrow (see vlpref/heap.py)
 
 from vlpref.chat import (  # noqa: E402
     ChatRequest,

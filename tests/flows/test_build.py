@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from flows.build import build_dataset
+from flows.build import STAGES, build_dataset
 from vlpref.sim.testing import SimServer, sim_run_config
 from vlpref.store import Store
 
@@ -172,3 +173,46 @@ def test_the_api_key_is_nowhere_on_disk(built: dict[str, Any]) -> None:
             assert SECRET.encode() not in path.read_bytes(), path
     manifest = built["store"].open(built["version_id"]).manifest
     assert "VLPREF_E2E_KEY" not in json.dumps(manifest)  # not even the variable's name
+
+
+def test_answering_follows_the_response_budget_and_not_the_result(
+    built: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a budget of one response sample, branches answer (responses, judge, pairs) one at a
+    time while the next ones are prepared (images, questions) meanwhile; the version is the one
+    the default schedule built."""
+    from flows import progress
+
+    events: list[tuple[str, str]] = []
+    unsubscribe = progress.subscribe(lambda stage, branch, counts: events.append((stage, branch)))
+    monkeypatch.setenv("VLPREF_E2E_KEY", SECRET)
+    try:
+        with SimServer(SIM) as sim:
+            config = write_config(tmp_path, sim.base_url)
+            data = yaml.safe_load(config.read_text())
+            config.write_text(
+                yaml.safe_dump({**data, "parallel_branches": 4, "responses_in_flight": 1})
+            )
+            version_id = build_dataset(str(config))
+    finally:
+        unsubscribe()
+
+    answering = [(stage, branch) for stage, branch in events if stage not in STAGES[:2]]
+    assert len(answering) == 4 * 3
+    for start in range(0, len(answering), 3):  # each branch's three answer stages, unbroken
+        chain = answering[start : start + 3]
+        assert [stage for stage, _ in chain] == ["responses", "judge", "pairs"]
+        assert len({branch for _, branch in chain}) == 1
+    first_pairs = events.index(answering[2])
+    prepared_early = {b for stage, b in events[:first_pairs] if stage == "questions"}
+    assert len(prepared_early) > 1  # the next branches were prepared while the first answered
+
+    ours = Store(str(tmp_path / "store")).open(version_id)
+    theirs = built["store"].open(built["version_id"])
+    for name in ("pairs", "judgments", "responses"):
+        assert _content(ours.table(name)).equals(_content(theirs.table(name))), name
+
+
+def _content(tbl: pa.Table) -> pa.Table:
+    """A table without the columns that say how an answer arrived, not what it was."""
+    return tbl.drop_columns([c for c in ("latency_s", "cached") if c in tbl.column_names])
