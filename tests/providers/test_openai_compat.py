@@ -349,3 +349,28 @@ async def test_the_wire_request() -> None:
     assert lower["x-team"] == "safety"
     assert lower["x-stainless-retry-count"] == "0"  # the SDK still builds the request
     assert not {"x-stainless-os", "x-stainless-arch", "x-stainless-runtime"} & set(lower)
+
+
+async def test_idempotency_keys_are_ours_and_shared_by_a_requests_attempts(
+    sim: SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's own key costs a uuid4 (an urandom syscall) per request; ours must be used, and
+    a retried request must keep its key. Spied on the SDK's options, not mocked."""
+    import openai._base_client as base_client
+
+    def no_uuid(self: object) -> str:
+        raise AssertionError("the SDK made its own idempotency key")
+
+    seen: list[str | None] = []
+    build_request = base_client.BaseClient._build_request
+
+    def spy(self: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(options.idempotency_key)
+        return build_request(self, options, *args, **kwargs)
+
+    monkeypatch.setattr(base_client.BaseClient, "_idempotency_key", no_uuid)
+    monkeypatch.setattr(base_client.BaseClient, "_build_request", spy)
+    results = await run(provider(sim), requests("flaky-500", 3))
+    assert all(r.ok and r.attempts == 2 for r in results), [r.failure for r in results]
+    assert len(seen) == 6 and all(key and key.startswith("vlpref-") for key in seen)
+    assert len(set(seen)) == 3  # one key per request, reused by its retry

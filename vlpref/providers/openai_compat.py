@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import os
+import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -70,6 +72,11 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 IMAGE_TOKEN_ESTIMATE = 765  # what a high-detail 512x512 image costs on OpenAI; only for pacing
 CHAT_PATH = "/chat/completions"
+# The SDK gives every POST an idempotency key, by default a uuid4: an urandom syscall per request,
+# 3 % of the flow process's CPU in a scale run (py-spy). Ours are a random tag per process and a
+# counter: as unique, and the same for every attempt of one request, as idempotency keys should be.
+_IDEMPOTENCY_TAG = f"vlpref-{secrets.token_hex(8)}-"
+_IDEMPOTENCY_NUMBERS = itertools.count()
 PLATFORM_HEADERS = (
     "X-Stainless-Lang",
     "X-Stainless-Package-Version",
@@ -423,9 +430,10 @@ class OpenAICompatProvider(Provider):
         except Exception as exc:  # e.g. an extra_body value that is not JSON: a value too
             return self._failed(request, exc, 1, started)
         estimate = estimate_tokens(request) if self.limiter.tpm else 0
+        key = f"{_IDEMPOTENCY_TAG}{next(_IDEMPOTENCY_NUMBERS):x}"
         # The fast path: most requests succeed at once, and need none of tenacity's bookkeeping.
         try:
-            samples, usage, latency = await self._attempt(client, body, estimate)
+            samples, usage, latency = await self._attempt(client, body, estimate, key)
         except _RetryableError as exc:
             first_error = exc
         except Exception as exc:  # every request-level problem becomes a value
@@ -447,7 +455,7 @@ class OpenAICompatProvider(Provider):
                     if attempt.retry_state.attempt_number == 1:
                         raise first_error
                     attempts += 1
-                    samples, usage, latency = await self._attempt(client, body, estimate)
+                    samples, usage, latency = await self._attempt(client, body, estimate, key)
         except Exception as exc:
             return self._failed(request, exc, attempts, started)
         return ChatResult(
@@ -465,24 +473,29 @@ class OpenAICompatProvider(Provider):
         )
 
     async def _attempt(
-        self, client: openai.AsyncOpenAI, body: bytes, estimate: int
+        self, client: openai.AsyncOpenAI, body: bytes, estimate: int, key: str
     ) -> tuple[tuple[Sample, ...], Usage, float]:
         """One attempt: wait for the rate limiter, send, parse; returns samples, usage, latency."""
         await self.limiter.acquire(estimate)
         t0 = time.perf_counter()
-        samples, usage = await self._send(client, body)
+        samples, usage = await self._send(client, body, key)
         latency = time.perf_counter() - t0
         if estimate:
             self.limiter.settle(estimate, usage.total_tokens)
         return samples, usage, latency
 
     async def _send(
-        self, client: openai.AsyncOpenAI, body: bytes
+        self, client: openai.AsyncOpenAI, body: bytes, key: str
     ) -> tuple[tuple[Sample, ...], Usage]:
         try:
             # Through the SDK's client (auth, headers, timeouts, its error types), with the body
             # already serialised and the response left raw: we parse the bytes ourselves.
-            raw = await client.post(self._chat_url, cast_to=httpx2.Response, content=body)
+            raw = await client.post(
+                self._chat_url,
+                cast_to=httpx2.Response,
+                content=body,
+                options={"idempotency_key": key},
+            )
         except openai.APIStatusError as exc:
             self.limiter.observe_headers(exc.response.headers)
             err = _classify(exc)
