@@ -61,6 +61,14 @@ def test_config_hash_ignores_where_files_live(tmp_path: Path) -> None:
     assert a.content_hash() == b.content_hash() != c.content_hash()
 
 
+def test_config_hash_ignores_how_many_branches_run_at_once(tmp_path: Path) -> None:
+    a = load_config(write(tmp_path, GOOD))
+    b = load_config(write(tmp_path, GOOD + "parallel_branches: 2\nresponses_in_flight: 500\n"))
+    assert (b.parallel_branches, b.responses_in_flight) == (2, 500)
+    assert (a.parallel_branches, a.responses_in_flight) == (4, 8000)
+    assert a.content_hash() == b.content_hash()
+
+
 @pytest.mark.parametrize(
     ("change", "field", "line", "expected"),
     [
@@ -87,6 +95,12 @@ def test_config_hash_ignores_where_files_live(tmp_path: Path) -> None:
             "no provider of kind 'nosuch'",
         ),
         (("name: demo\n", ""), "name", None, "required field is missing"),
+        (
+            ("workspace: work\n", "workspace: work\nresponses_in_flight: 0\n"),
+            "responses_in_flight",
+            4,
+            "greater than or equal to 1",
+        ),
     ],
 )
 def test_errors_name_file_field_line_and_expectation(
