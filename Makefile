@@ -66,7 +66,7 @@ bench-peers: $(STAMP)
 	$(BIN)/python -m bench --peers
 
 # The pipeline at scale (issue 6): 3,000 and 30,000 questions x 12 models at 0 and 50 ms, reruns
-# timed on the 30,000 builds; bench/results/YYYY-MM-DD-scale.md. About 90 minutes on 2 cores.
+# timed on the 30,000 builds; bench/results/YYYY-MM-DD-scale.md. About 50 minutes on 2 cores.
 SCALE_RUNS := bench/results/$(shell date +%F)-scale.jsonl
 bench-scale: $(STAMP)
 	rm -f $(SCALE_RUNS)

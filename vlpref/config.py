@@ -213,8 +213,8 @@ class RunConfig(_Strict):
         default=4, ge=1, description="branches in flight at once (bounds memory, not speed)"
     )
     # 8,000: at 30,000 questions x 12 models (7,400 samples per branch) one branch answering at a
-    # time ran at 1,682 req/s with a 517 MB peak, against 1,482 req/s and 811 MB for four
-    # (bench/scale_run.py --branches); at 3,000 questions (740 per branch) four still answer.
+    # time ran at 1,682 req/s with a 517 MB peak, two at 1,556 req/s and 600 MB (six branches,
+    # bench/scale_run.py --branches 6); at 3,000 questions (740 per branch) four still answer.
     responses_in_flight: int = Field(
         default=8000,
         ge=1,
