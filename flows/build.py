@@ -259,7 +259,7 @@ def branch_size(config: RunConfig, questions: PrefectFuture[StageRef]) -> int:
         ref = questions.result()
     except Exception:  # reported with the branch's other failures when the flow collects them
         return 0
-    return int(ref.counts.get("out", 0)) * sum(m.sampling.n for m in config.models)
+    return int(ref.counts.get("out", 0)) * config.samples_per_question
 
 
 def run_branches(
@@ -276,24 +276,26 @@ def run_branches(
     budget = AnswerBudget(config.parallel_branches, config.responses_in_flight)
     pending = list(reversed(leaves))
     branches: dict[str, dict[str, PrefectFuture[StageRef]]] = {}
-    preparing: dict[Any, tuple[Subcategory, PrefectFuture[StageRef]]] = {}
+    # By the task run id of the future each waits on: questions (preparing), pairs (answering).
+    preparing: dict[Any, Subcategory] = {}
     ready: list[tuple[Subcategory, int]] = []  # prepared, waiting for the budget, in order
-    answering: dict[Any, tuple[PrefectFuture[StageRef], int]] = {}
+    answering: dict[Any, tuple[Subcategory, int]] = {}
     while pending or preparing or ready or answering:
         while ready and budget.admits([size for _, size in answering.values()], ready[0][1]):
             leaf, size = ready.pop(0)
             futures = submit_answers(config, leaf, branches[leaf.branch_id])
             branches[leaf.branch_id] = futures
-            answering[futures["pairs"].task_run_id] = (futures["pairs"], size)
+            answering[futures["pairs"].task_run_id] = (leaf, size)
         while pending and len(preparing) + len(ready) + len(answering) < budget.branches:
             leaf = pending.pop()
             futures = submit_preparation(config, leaf)
             branches[leaf.branch_id] = futures
-            preparing[futures["questions"].task_run_id] = (leaf, futures["questions"])
-        waiting = [f for _, f in preparing.values()] + [f for f, _ in answering.values()]
+            preparing[futures["questions"].task_run_id] = leaf
+        waiting = [branches[leaf.branch_id]["questions"] for leaf in preparing.values()]
+        waiting += [branches[leaf.branch_id]["pairs"] for leaf, _ in answering.values()]
         finished = next(as_completed(waiting))
         if finished.task_run_id in preparing:
-            leaf, _ = preparing.pop(finished.task_run_id)
+            leaf = preparing.pop(finished.task_run_id)
             ready.append((leaf, branch_size(config, finished)))
         else:
             del answering[finished.task_run_id]

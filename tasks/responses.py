@@ -66,7 +66,7 @@ def collect_responses(
     rows: list[dict[str, Any]] = []
     failures: list[FailureRow] = []
     stats = BatchStats()
-    n_in = sum(len(question_rows) * m.sampling.n for m in config.models)
+    n_in = len(question_rows) * config.samples_per_question
     for result in service.run(batches, journal, stats):
         question, entry = live.pop(result.request.id)
         n = result.request.params.n

@@ -243,6 +243,11 @@ class RunConfig(_Strict):
                 )
         return self
 
+    @property
+    def samples_per_question(self) -> int:
+        """Response samples each question gets: the sum of the response models' `n`."""
+        return sum(m.sampling.n for m in self.models)
+
     def endpoint_kind(self, name: str) -> str:
         return str(self.endpoints[name].get("kind", "openai"))
 
