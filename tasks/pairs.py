@@ -23,6 +23,9 @@ from vlpref.records import PAIRS, RANKINGS, table
 from vlpref.selection import safety_groups, safety_rates, score_weights, select_pairs
 from vlpref.stage import FailureRow, StageOutput
 
+JUDGMENT_COLUMNS = ("kind", "judge", "response_id", "other_response_id", "aspect", "score")
+RESPONSE_COLUMNS = ("response_id", "question_id", "model", "sample_idx", "finish_reason")
+
 
 def comparisons(judgments: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], OrderedComparison]:
     """(x, y) -> both orders combined, for every pair asked in both orders (by the same judge);
@@ -59,8 +62,12 @@ def select_branch_pairs(
     """-> (the stage output whose rows are the pairs, the rankings table)."""
     pairs_config = config.stages.pairs
     weights = score_weights(pairs_config, config.stages.judge)
-    judgment_rows = judgments.to_pylist()
-    candidates = candidates_from_judgments(responses.to_pylist(), judgment_rows)
+    # Only the columns selection reads: the text columns (raw answers, rationales, responses)
+    # are most of the bytes, and converting them to Python was most of this stage's time.
+    judgment_rows = judgments.select(list(JUDGMENT_COLUMNS)).to_pylist()
+    candidates = candidates_from_judgments(
+        responses.select(list(RESPONSE_COLUMNS)).to_pylist(), judgment_rows
+    )
     groups = safety_groups(
         safety_rates(c for cs in candidates.values() for c in cs), pairs_config.safety_groups
     )

@@ -306,6 +306,8 @@ def align_tokens(text: str, tokens: Sequence[str]) -> list[tuple[int, int] | Non
 
 
 def _place(text: str, pos: int, token: str) -> tuple[int, int] | None:
+    if token and text.startswith(token, pos):
+        return pos, pos + len(token)  # the usual case, and the first form tried below
     forms = [token, token.translate(_BPE_MARKS)]
     if pos == 0:  # the provider may have trimmed leading whitespace from the text
         forms += [f.lstrip() for f in forms]
