@@ -2,15 +2,19 @@
 
     python -m bench.scale_report RESULTS.jsonl [--out bench/results/YYYY-MM-DD-scale.md]
 
-Each line of RESULTS.jsonl is one `scale_run` result. A scale run takes minutes to tens of minutes
-on the 2-core machine, so every figure here is one run, not a median: the report says so. The
-targets (issue 6) are judged on the runs present; one that has no run to judge is "not run".
+Each line of RESULTS.jsonl is one `scale_run` result. Runs of the same size and latency are
+repeats: a target's figure is their median with [min–max], each ratio taken within its own run
+(`make bench-scale` repeats the 3,000-question builds; a 30,000-question build takes 15-20 minutes
+here and runs once). The targets (issue 6) are judged on the runs present; one that has no run to
+judge is "not run". The overhead target names *the scale run*, the SPA-VL-sized build of at least
+30,000 questions; the 3,000-question figure is shown beside it for reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date
 from pathlib import Path
@@ -40,15 +44,46 @@ def _builds(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [r for r in rows if "seconds" in r]
 
 
-def _find(rows: Sequence[Mapping[str, Any]], target: int, latency: float) -> Mapping[str, Any]:
-    for r in rows:
-        if r["questions_target"] == target and r.get("latency_ms") == latency:
-            return r
-    return {}
+def _runs(
+    rows: Sequence[Mapping[str, Any]], target: int, latency: float
+) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r["questions_target"] == target and r.get("latency_ms") == latency]
+
+
+def _spread(values: Sequence[float], fmt: str) -> str:
+    """'x' for one run, else 'median [min–max] of N runs'."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{mid:{fmt}} [{low:{fmt}}–{high:{fmt}}] (median of {len(values)} runs)"
 
 
 def _verdict(ok: bool) -> str:
     return "**MET**" if ok else "**MISSED**"
+
+
+def _overhead(runs: Sequence[Mapping[str, Any]], latency: float, *, judged: bool) -> str | None:
+    runs = [r for r in runs if "pipeline_vs_client" in r]
+    if not runs:
+        return None
+    ratios = [float(r["pipeline_vs_client"]) for r in runs]
+    ratio = statistics.median(ratios)
+    figure = (
+        f"{_spread([r['requests_per_s'] for r in runs], ',.0f')} req/s end to end vs "
+        f"{_spread([r['client_requests_per_s'] for r in runs], ',.0f')} req/s for the client "
+        f"alone on the same requests; ratio {_spread(ratios, '.3f')}×"
+    )
+    size = f"{runs[0]['questions_target']:,} questions, {latency:g} ms"
+    if judged:
+        return (
+            f"- Pipeline overhead, the scale run ({size}): {figure} (target ≥ "
+            f"{OVERHEAD_TARGET:.2f}×): {_verdict(ratio >= OVERHEAD_TARGET)}"
+        )
+    above = "at or above" if ratio >= OVERHEAD_TARGET else "below"
+    return (
+        f"- Pipeline overhead at {size}, for reference (the target names the scale run): "
+        f"{figure}, {above} {OVERHEAD_TARGET:.2f}×"
+    )
 
 
 def targets(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -56,35 +91,35 @@ def targets(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     builds = _builds(rows)
     lines = []
     for latency in sorted({float(r["latency_ms"]) for r in builds}):
-        small, large = _find(builds, SMALL, latency), _find(builds, LARGE, latency)
-        for run in (large, small):
-            if run and "pipeline_vs_client" in run:
-                ratio = run["pipeline_vs_client"]
-                lines.append(
-                    f"- Pipeline overhead, {run['questions_target']:,} questions, {latency:g} ms: "
-                    f"{run['requests_per_s']:,.0f} req/s end to end vs "
-                    f"{run['client_requests_per_s']:,.0f} req/s for the client alone on the "
-                    f"same requests = {ratio:.3f}× (target ≥ {OVERHEAD_TARGET:.2f}×): "
-                    f"{_verdict(ratio >= OVERHEAD_TARGET)}"
-                )
+        small, large = _runs(builds, SMALL, latency), _runs(builds, LARGE, latency)
+        for line in (
+            _overhead(large, latency, judged=True),
+            _overhead(small, latency, judged=False),
+        ):
+            if line:
+                lines.append(line)
         if small and large:
-            ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
-            ok = ratio <= MEMORY_RATIO_TARGET and large["peak_rss_mb"] < MEMORY_CAP_MB
+            small_mb = [float(r["peak_rss_mb"]) for r in small]
+            large_mb = [float(r["peak_rss_mb"]) for r in large]
+            ratio = statistics.median(large_mb) / statistics.median(small_mb)
+            ok = ratio <= MEMORY_RATIO_TARGET and max(large_mb) < MEMORY_CAP_MB
             lines.append(
-                f"- Memory, {latency:g} ms: peak RSS {large['peak_rss_mb']:,.0f} MB at "
-                f"{large['questions']:,} questions vs {small['peak_rss_mb']:,.0f} MB at "
-                f"{small['questions']:,} = {ratio:.2f}× (target ≤ {MEMORY_RATIO_TARGET}× and "
+                f"- Memory, {latency:g} ms: peak RSS {_spread(large_mb, ',.0f')} MB at "
+                f"{large[0]['questions']:,} questions vs {_spread(small_mb, ',.0f')} MB at "
+                f"{small[0]['questions']:,} = {ratio:.2f}× (target ≤ {MEMORY_RATIO_TARGET}× and "
                 f"under {MEMORY_CAP_MB:,} MB): {_verdict(ok)}"
             )
         else:
             lines.append(f"- Memory, {latency:g} ms: not run (needs a 3,000 and a 30,000 run)")
-        if large and "rerun_requests" in large:
-            share = large["rerun_share_of_build"]
-            ok = large["rerun_requests"] == 0 and share <= RERUN_SHARE_TARGET
+        for run in large:
+            if "rerun_requests" not in run:
+                continue
+            share = run["rerun_share_of_build"]
+            ok = run["rerun_requests"] == 0 and share <= RERUN_SHARE_TARGET
             lines.append(
-                f"- No-change rerun of the {large['questions']:,}-question build, {latency:g} ms: "
-                f"{large['rerun_requests']} requests, {large['rerun_seconds']:,.1f} s = "
-                f"{share:.1%} of the build's {large['seconds']:,.0f} s (target 0 requests and "
+                f"- No-change rerun of the {run['questions']:,}-question build, {latency:g} ms: "
+                f"{run['rerun_requests']} requests, {run['rerun_seconds']:,.1f} s = "
+                f"{share:.1%} of the build's {run['seconds']:,.0f} s (target 0 requests and "
                 f"≤ {RERUN_SHARE_TARGET:.0%}): {_verdict(ok)}"
             )
     return lines
@@ -103,8 +138,8 @@ def render(rows: Sequence[Mapping[str, Any]], title_date: str, notes: str = "") 
         "",
         "`python -m bench.scale_run` (the SPA-VL taxonomy, 53 branches, typographic images, "
         "12 sim response models and the sim judge, concurrency 256) through the real flow on a "
-        "local Prefect server. One run per line: a scale run takes minutes to tens of minutes "
-        "here, so these are single runs, not medians.",
+        "local Prefect server. One build per line in the tables; the targets take the median of "
+        "the builds of the same size and latency, each ratio taken within its own run.",
         "",
         "## Machine and versions",
         "",
