@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date
@@ -245,16 +246,23 @@ def _rerun_rows(rows: Sequence[Mapping[str, Any]]) -> Iterable[list[str]]:
                 ]
 
 
+def report_date(results: str) -> str:
+    """The runs' date (a runs file named YYYY-MM-DD-...), not the report's: an hour of runs
+    started before midnight is that day's. Today for any other name."""
+    named = re.match(r"\d{4}-\d{2}-\d{2}", Path(results).name)
+    return named.group(0) if named else date.today().isoformat()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("results", help="JSON lines written by bench.scale_run --json-out")
     parser.add_argument("--out", default=None)
     parser.add_argument("--notes", default=None, help="a markdown file appended as the notes")
     args = parser.parse_args()
-    today = date.today().isoformat()
-    out = Path(args.out or Path(__file__).parent / "results" / f"{today}-scale.md")
+    day = report_date(args.results)
+    out = Path(args.out or Path(__file__).parent / "results" / f"{day}-scale.md")
     notes = Path(args.notes).read_text() if args.notes else ""
-    out.write_text(render(load(args.results), today, notes))
+    out.write_text(render(load(args.results), day, notes))
     print(out)
 
 

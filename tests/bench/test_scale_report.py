@@ -4,10 +4,11 @@ has no run to judge."""
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
 from typing import Any
 
-from bench.scale_report import load, render, targets
+from bench.scale_report import load, render, report_date, targets
 
 
 def build(questions: int, latency: float = 0.0, **extra: Any) -> dict[str, Any]:
@@ -111,3 +112,8 @@ def test_the_report_renders_from_json_lines(tmp_path: Path) -> None:
     assert "| 3,021 | 0 ms | 129,000 |" in text
     assert "20 in 2 s, 10 req/s" in text
     assert "| 30,000 questions | add a 13th response model | 5.0 | 7 |" in text
+
+
+def test_the_report_is_dated_by_its_runs_file() -> None:
+    assert report_date("bench/results/2026-11-22-scale.jsonl") == "2026-11-22"
+    assert report_date("/tmp/runs.jsonl") == date.today().isoformat()
