@@ -120,9 +120,14 @@ def _git_revision() -> str:
     return f" (git {rev}{', with uncommitted changes' if dirty else ''})"
 
 
+def code_revision() -> str:
+    """vlpref's version and the checkout's commit: '0.1.0 (git abc1234)'."""
+    return _version("vlpref") + _git_revision()
+
+
 def versions(peers: dict[str, str]) -> list[tuple[str, str]]:
     rows = [
-        ("vlpref", _version("vlpref") + _git_revision()),
+        ("vlpref", code_revision()),
         ("openai", _version("openai")),
         ("httpx2", _version("httpx2")),
         ("aiohttp", _version("aiohttp")),

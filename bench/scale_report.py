@@ -144,7 +144,7 @@ def render(rows: Sequence[Mapping[str, Any]], title_date: str, notes: str = "") 
         "",
         "## Machine and versions",
         "",
-        *_table(["", ""], [*machine(), *versions({"prefect": _version("prefect")})]),
+        *_table(["", ""], [*machine(), *_versions(builds)]),
         "",
         "## Targets",
         "",
@@ -209,6 +209,16 @@ def render(rows: Sequence[Mapping[str, Any]], title_date: str, notes: str = "") 
     if notes:
         lines += ["## Notes", "", notes.strip(), ""]
     return "\n".join(lines)
+
+
+def _versions(builds: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """This environment's versions; vlpref's is the one each build recorded, when they did (a
+    report may be made later, from another commit)."""
+    rows = versions({"prefect": _version("prefect")})
+    measured = sorted({str(b["vlpref"]) for b in builds if "vlpref" in b})
+    if measured:
+        rows = [("vlpref", "; ".join(measured)) if k == "vlpref" else (k, v) for k, v in rows]
+    return rows
 
 
 def _stage_cell(run: Mapping[str, Any], stage: str) -> str:

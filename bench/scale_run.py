@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from bench.report import code_revision
 from vlpref.chat import ChatRequest
 from vlpref.gctune import throughput_gc
 from vlpref.journal import Journal
@@ -242,6 +243,7 @@ def main() -> None:
             result = {
                 "questions_target": args.questions,
                 "models": args.models,
+                "vlpref": code_revision(),  # what was measured, whenever the report is made
                 "latency_ms": args.latency_ms,
                 "concurrency": args.concurrency,
                 "seconds": round(elapsed, 1),

@@ -117,3 +117,8 @@ def test_the_report_renders_from_json_lines(tmp_path: Path) -> None:
 def test_the_report_is_dated_by_its_runs_file() -> None:
     assert report_date("bench/results/2026-11-22-scale.jsonl") == "2026-11-22"
     assert report_date("/tmp/runs.jsonl") == date.today().isoformat()
+
+
+def test_the_versions_name_the_commit_the_builds_recorded() -> None:
+    text = render([build(3000, vlpref="0.1.0 (git abc1234)")], "2026-11-22")
+    assert "| vlpref | 0.1.0 (git abc1234) |" in text
