@@ -86,6 +86,12 @@ def test_memory_over_the_cap_or_the_ratio_is_missed() -> None:
     assert "**MISSED**" in next(line for line in over_cap if "Memory" in line)
 
 
+def test_the_overhead_target_without_a_scale_run_is_not_run() -> None:
+    lines = targets([build(3000, pipeline_vs_client=0.9)])
+    assert lines[0] == "- Pipeline overhead, the scale run (30,000 questions, 0 ms): not run"
+    assert "for reference" in lines[1]
+
+
 def test_a_rerun_that_sends_requests_is_missed_and_a_missing_run_is_said() -> None:
     large = build(30000, rerun_requests=3, rerun_seconds=1.0, rerun_share_of_build=0.001)
     lines = targets([large])
