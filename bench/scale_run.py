@@ -65,6 +65,7 @@ def run_config(root: Path, base_url: str, args: argparse.Namespace) -> str:
     data = {
         "name": "scale",
         "parallel_branches": args.parallel_branches,
+        "responses_in_flight": args.responses_in_flight,
         "taxonomy": str(TAXONOMY),
         "workspace": str(root / "ws"),
         "store": str(root / "store"),
@@ -190,6 +191,12 @@ def main() -> None:
         "--pairs", type=int, default=3, help="pairwise candidate pairs per question"
     )
     parser.add_argument("--parallel-branches", type=int, default=4)
+    parser.add_argument(
+        "--responses-in-flight",
+        type=int,
+        default=8000,
+        help="the run config's answer budget (response samples of the branches answering)",
+    )
     parser.add_argument(
         "--branches",
         type=int,
