@@ -64,8 +64,6 @@ def run_config(root: Path, base_url: str, args: argparse.Namespace) -> str:
     per_branch = max(1, math.ceil(args.questions / 3 / 53))
     data = {
         "name": "scale",
-        "parallel_branches": args.parallel_branches,
-        "responses_in_flight": args.responses_in_flight,
         "taxonomy": str(TAXONOMY),
         "workspace": str(root / "ws"),
         "store": str(root / "store"),
@@ -105,6 +103,10 @@ def run_config(root: Path, base_url: str, args: argparse.Namespace) -> str:
             "judge": {"max_pairs_per_question": args.pairs},
         },
     }
+    # Scheduling settings left unset take the run config's own defaults, not copies of them.
+    for option in ("parallel_branches", "responses_in_flight"):
+        if getattr(args, option, None) is not None:
+            data[option] = getattr(args, option)
     if getattr(args, "branches", None):
         data["only"] = leaf_paths()[: args.branches]
     path = root / "run.yaml"
@@ -190,12 +192,14 @@ def main() -> None:
     parser.add_argument(
         "--pairs", type=int, default=3, help="pairwise candidate pairs per question"
     )
-    parser.add_argument("--parallel-branches", type=int, default=4)
+    parser.add_argument(
+        "--parallel-branches", type=int, default=None, help="the run config's (default: its own)"
+    )
     parser.add_argument(
         "--responses-in-flight",
         type=int,
-        default=8000,
-        help="the run config's answer budget (response samples of the branches answering)",
+        default=None,
+        help="the run config's answer budget, in response samples (default: its own)",
     )
     parser.add_argument(
         "--branches",

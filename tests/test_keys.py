@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vlpref.chat import ChatRequest, ImagePart, Message, SamplingParams
-from vlpref.keys import request_fingerprint, sample_key, sample_keys
+from vlpref.keys import request_fingerprint, sample_key, sample_keys, unique_ids
 
 IMAGE = ImagePart(data=b"\x89PNG one image")
 
@@ -62,3 +62,11 @@ def test_sample_keys_are_distinct_per_index(text: str, index: int) -> None:
     fp = request_fingerprint("openai", make(messages=(Message.user(text),)))
     assert sample_key(fp, index) != sample_key(fp, index + 1)
     assert sample_key(fp, index) == sample_key(fp, index)
+
+
+def test_unique_ids_share_a_tag_and_never_repeat() -> None:
+    make = unique_ids("vlpref-")
+    first, second = make(), make()
+    assert first != second and first.startswith("vlpref-")
+    assert first.rsplit("-", 1)[0] == second.rsplit("-", 1)[0]  # one tag per maker
+    assert unique_ids()()[:16] != unique_ids()()[:16]  # each maker draws its own tag

@@ -9,21 +9,17 @@ killed run loses only what was in flight.
 
 from __future__ import annotations
 
-import itertools
-import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, replace
 
 from vlpref.chat import ChatRequest, ChatResult, Sample, Usage
 from vlpref.journal import Journal, JournalEntry
-from vlpref.keys import request_fingerprint, sample_key
+from vlpref.keys import request_fingerprint, sample_key, unique_ids
 from vlpref.providers.base import Provider
 
-# Call ids only need to be unique (usage is counted once per call): a random tag per process and
-# a counter, instead of a uuid4 (an urandom syscall) per answer.
-_PROCESS_TAG = secrets.token_hex(6) + "-"
-_CALL_NUMBERS = itertools.count()
+# Call ids only need to be unique (usage is counted once per call).
+_new_call_id = unique_ids()
 
 
 @dataclass(slots=True)
@@ -88,7 +84,7 @@ async def run_requests(
             stats.failed += 1
             yield replace(result, request=job.original, samples=tuple(job.have.values()))
             continue
-        call_id = f"{_PROCESS_TAG}{next(_CALL_NUMBERS):x}"
+        call_id = _new_call_id()
         now = time.time()
         entries = []
         merged = dict(job.have)

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import json
 import os
-import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -51,6 +49,7 @@ from vlpref.chat import (
     Usage,
 )
 from vlpref.errors import ProviderError
+from vlpref.keys import unique_ids
 from vlpref.providers.base import Provider
 from vlpref.providers.ratelimit import RateLimiter, retry_after_seconds
 from vlpref.vllm_serve import ServeOptions
@@ -73,10 +72,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 IMAGE_TOKEN_ESTIMATE = 765  # what a high-detail 512x512 image costs on OpenAI; only for pacing
 CHAT_PATH = "/chat/completions"
 # The SDK gives every POST an idempotency key, by default a uuid4: an urandom syscall per request,
-# 3 % of the flow process's CPU in a scale run (py-spy). Ours are a random tag per process and a
-# counter: as unique, and the same for every attempt of one request, as idempotency keys should be.
-_IDEMPOTENCY_TAG = f"vlpref-{secrets.token_hex(8)}-"
-_IDEMPOTENCY_NUMBERS = itertools.count()
+# 3 % of the flow process's CPU in a scale run (py-spy). Ours are as unique, and the same for every
+# attempt of one request, as idempotency keys should be.
+_new_idempotency_key = unique_ids("vlpref-")
 PLATFORM_HEADERS = (
     "X-Stainless-Lang",
     "X-Stainless-Package-Version",
@@ -430,7 +428,7 @@ class OpenAICompatProvider(Provider):
         except Exception as exc:  # e.g. an extra_body value that is not JSON: a value too
             return self._failed(request, exc, 1, started)
         estimate = estimate_tokens(request) if self.limiter.tpm else 0
-        key = f"{_IDEMPOTENCY_TAG}{next(_IDEMPOTENCY_NUMBERS):x}"
+        key = _new_idempotency_key()
         # The fast path: most requests succeed at once, and need none of tenacity's bookkeeping.
         try:
             samples, usage, latency = await self._attempt(client, body, estimate, key)
