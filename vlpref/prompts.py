@@ -14,9 +14,11 @@ from functools import cache, cached_property
 from pathlib import Path
 
 from vlpref.errors import ConfigError
+from vlpref.resources import PROMPTS_DIR
 
-# The templates shipped with vlpref: the repository's top-level prompts/ folder.
-DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# The templates shipped with vlpref: package data in vlpref/resources/prompts/ (a checkout's
+# top-level prompts/ is a symlink to it).
+DEFAULT_PROMPTS_DIR = PROMPTS_DIR
 
 PROMPT_NAMES = (
     "caption",
