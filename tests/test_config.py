@@ -5,6 +5,7 @@ import pytest
 
 from vlpref.config import load_config
 from vlpref.errors import ConfigError
+from vlpref.resources import TAXONOMY_DIR
 
 GOOD = """\
 name: demo
@@ -54,6 +55,14 @@ def test_a_good_config_loads_with_paths_resolved(tmp_path: Path) -> None:
     assert config.stages.pairs.policy == "spa-vl"
 
 
+@pytest.mark.parametrize("name", ["demo", "spa_vl"])
+def test_a_builtin_taxonomy_is_the_shipped_file(tmp_path: Path, name: str) -> None:
+    text = GOOD.replace("taxonomy: taxonomy.yaml", f"taxonomy: builtin:{name}")
+    config = load_config(write(tmp_path, text))
+    assert config.taxonomy == str(TAXONOMY_DIR / f"{name}.yaml")
+    assert Path(config.taxonomy).is_file()
+
+
 def test_config_hash_ignores_where_files_live(tmp_path: Path) -> None:
     a = load_config(write(tmp_path, GOOD))
     b = load_config(write(tmp_path, GOOD.replace("workspace: work", "workspace: elsewhere")))
@@ -100,6 +109,12 @@ def test_config_hash_ignores_how_many_branches_run_at_once(tmp_path: Path) -> No
             "responses_in_flight",
             4,
             "greater than or equal to 1",
+        ),
+        (
+            ("taxonomy: taxonomy.yaml", "taxonomy: builtin:spa-vl"),
+            "taxonomy",
+            2,
+            "unknown builtin taxonomy 'builtin:spa-vl' (builtin: builtin:demo, builtin:spa_vl)",
         ),
     ],
 )

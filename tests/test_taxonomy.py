@@ -421,6 +421,15 @@ def test_missing_file(tmp_path: Path) -> None:
         load_taxonomy(tmp_path / "nope.yaml")
 
 
+def test_builtin_names_load_the_shipped_files(demo: Taxonomy, spa_vl: Taxonomy) -> None:
+    assert load_taxonomy("builtin:demo").content_hash == demo.content_hash
+    assert load_taxonomy("builtin:spa_vl").content_hash == spa_vl.content_hash
+    with pytest.raises(
+        ConfigError, match=r"'builtin:full' \(builtin: builtin:demo, builtin:spa_vl\)"
+    ):
+        load_taxonomy("builtin:full")
+
+
 # --------------------------------------------------------------------------- branches
 
 

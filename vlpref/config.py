@@ -1,7 +1,8 @@
 """The run configuration: one YAML file describes a run.
 
     name: demo
-    taxonomy: taxonomy/demo.yaml          # paths are relative to this file
+    taxonomy: taxonomy/demo.yaml          # paths are relative to this file; builtin:demo and
+                                          # builtin:spa_vl name the taxonomies vlpref ships
     workspace: .vlpref/workspace          # journal and stage outputs (a path or an fsspec URI)
     store: .vlpref/store                  # dataset versions (a path or an fsspec URI)
     endpoints:
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vlpref.chat import SamplingParams
 from vlpref.errors import ConfigError, ProviderError
 from vlpref.providers.registry import provider_class
+from vlpref.resources import builtin_taxonomy, is_builtin
 from vlpref.yamlfile import Lines, format_loc, load_yaml
 
 # Field names that would hold a secret. Refused anywhere in a config, whatever their value.
@@ -223,6 +225,16 @@ class RunConfig(_Strict):
     )
     source_file: str | None = Field(default=None, exclude=True)
 
+    @field_validator("taxonomy")
+    @classmethod
+    def _builtin_taxonomy(cls, value: str) -> str:
+        if is_builtin(value):
+            try:
+                builtin_taxonomy(value)
+            except ValueError as exc:
+                raise _LocatedError(("taxonomy",), str(exc)) from None
+        return value
+
     @model_validator(mode="after")
     def _references(self) -> RunConfig:
         names: set[str] = set()
@@ -302,6 +314,11 @@ def _resolve_path(base: Path, value: str) -> str:
     return str((base / value).resolve())
 
 
+def _resolve_taxonomy(base: Path, value: str) -> str:
+    """`builtin:<name>` is the taxonomy file vlpref ships (the name was checked on validation)."""
+    return str(builtin_taxonomy(value)) if is_builtin(value) else _resolve_path(base, value)
+
+
 def parse_config(
     data: Any, *, file: str = "<config>", lines: Lines | None = None, base_dir: Path | None = None
 ) -> RunConfig:
@@ -342,7 +359,7 @@ def parse_config(
     if base_dir is not None:
         config = config.model_copy(
             update={
-                "taxonomy": _resolve_path(base_dir, config.taxonomy),
+                "taxonomy": _resolve_taxonomy(base_dir, config.taxonomy),
                 "workspace": _resolve_path(base_dir, config.workspace),
                 "store": _resolve_path(base_dir, config.store),
                 "prompts_dir": (

@@ -1,9 +1,12 @@
 """`make demo`: build a small dataset end to end against the simulated server.
 
 Starts the sim server (a test double: personas, not real models) on a free loopback port, writes
-a run config for `taxonomy/demo.yaml` under `.vlpref/demo/`, runs the Prefect flow, and prints
-where the new version is with a short summary (counts per category, unsafe rate per model as in
-SPA-VL's Table 1). Rerunning it reuses everything: the journal answers every request.
+a run config for the shipped demo taxonomy (`builtin:demo`, vlpref/resources/taxonomy/demo.yaml)
+under `.vlpref/demo/` in the current folder, runs the Prefect flow, and prints where the new
+version is with a short summary (counts per category, unsafe rate per model as in SPA-VL's
+Table 1). Rerunning it reuses everything: the journal answers every request.
+
+It needs nothing from a checkout: an installed vlpref runs it from any folder.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ from typing import Any
 import yaml
 
 from vlpref.sim.testing import SimServer
-
-REPO = Path(__file__).resolve().parent.parent
 
 SIM_MODELS: dict[str, Any] = {
     "sim-refuser": {"persona": "refuser"},
@@ -39,10 +40,10 @@ RESPONSE_MODELS = [
 ]
 
 
-def demo_config(base_url: str, root: Path) -> dict[str, Any]:
+def demo_config(base_url: str, root: Path, per_branch: int = 5) -> dict[str, Any]:
     return {
         "name": "vlpref-demo",
-        "taxonomy": str(REPO / "taxonomy" / "demo.yaml"),
+        "taxonomy": "builtin:demo",
         "workspace": str(root / "workspace"),
         "store": str(root / "store"),
         "endpoints": {"sim": {"kind": "openai", "base_url": base_url, "concurrency": 64}},
@@ -74,13 +75,16 @@ def demo_config(base_url: str, root: Path) -> dict[str, Any]:
                 },
             }
         ],
-        "stages": {"images": {"source": {"kind": "typographic", "per_branch": 5}}},
+        "stages": {"images": {"source": {"kind": "typographic", "per_branch": per_branch}}},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m vlpref.demo")
     parser.add_argument("--root", default=".vlpref/demo", help="where the demo keeps its files")
+    parser.add_argument(
+        "--per-branch", type=int, default=5, help="images per subcategory (4 subcategories)"
+    )
     args = parser.parse_args()
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -88,7 +92,8 @@ def main() -> None:
     with SimServer({"models": SIM_MODELS}) as sim:
         config_path = root / "run.yaml"
         # The port changes between runs; request keys never include the URL, so reruns reuse all.
-        config_path.write_text(yaml.safe_dump(demo_config(sim.base_url, root), sort_keys=False))
+        config = demo_config(sim.base_url, root, args.per_branch)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         from flows.build import build_dataset
         from vlpref.report import print_summary
 

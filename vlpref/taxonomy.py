@@ -37,6 +37,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from vlpref.errors import ConfigError
+from vlpref.resources import builtin_taxonomy, is_builtin
 
 __all__ = [
     "KEY_PHRASE_MAX_CHARS",
@@ -296,7 +297,12 @@ def _source(spa_vl: bool) -> str:
 
 
 def load_taxonomy(path: str | Path) -> Taxonomy:
-    """Read and validate a taxonomy YAML file."""
+    """Read and validate a taxonomy YAML file, or a shipped one named `builtin:<name>`."""
+    if isinstance(path, str) and is_builtin(path):
+        try:
+            path = builtin_taxonomy(path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
