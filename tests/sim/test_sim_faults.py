@@ -157,5 +157,54 @@ async def test_counters_log_and_reset(sim_server: SimServerFactory) -> None:
     assert [e["model"] for e in log] == ["a", "a", "b", "nope", "<invalid>"]
     assert all(before <= e["t"] <= time.monotonic() and e["fault"] is None for e in log)
     sim.reset()
-    assert sim.counters() == {"total": 0, "by_model": {}, "by_status": {}, "faults": {}}
+    assert sim.counters() == {
+        "total": 0,
+        "by_model": {},
+        "by_status": {},
+        "faults": {},
+        "usage": {},
+    }
     assert sim.requests_log() == []
+
+
+async def test_usage_counters_sum_the_bill_of_well_formed_answers(
+    sim_server: SimServerFactory,
+) -> None:
+    sim = sim_server(
+        {
+            "models": {
+                "a": {"persona": "refuser"},
+                "bad": {"persona": "echo", "faults": {"malformed": ONCE}},
+            }
+        }
+    )
+    billed = [0, 0]
+    async with httpx.AsyncClient(base_url=sim.base_url) as http:
+        for text in ("hi", "tell me more"):
+            usage = (await http.post("/chat/completions", json=body("a", text, n=2))).json()
+            billed[0] += usage["usage"]["prompt_tokens"]
+            billed[1] += usage["usage"]["completion_tokens"]
+        truncated = await http.post("/chat/completions", json=body("bad", "x"))
+    assert truncated.status_code == 200  # but malformed: nothing a client could bill
+    assert sim.counters()["usage"] == {
+        "a": {"prompt_tokens": billed[0], "completion_tokens": billed[1]}
+    }
+
+
+async def test_a_nondeterministic_model_answers_an_unseeded_request_afresh(
+    sim_server: SimServerFactory,
+) -> None:
+    sim = sim_server({"models": {"m": {"persona": "mixed", "nondeterministic": True}}})
+
+    async def answers(**extra: Any) -> list[str]:
+        async with httpx.AsyncClient(base_url=sim.base_url) as http:
+            out = []
+            for _ in range(2):
+                data = (await http.post("/chat/completions", json=body("m", "q", **extra))).json()
+                out.append(json.dumps([c["message"]["content"] for c in data["choices"]]))
+            return out
+
+    first, second = await answers(n=4)
+    assert first != second  # the same body, another call, other answers
+    seeded = await answers(n=4, seed=3)
+    assert seeded[0] == seeded[1]  # a seed still pins them

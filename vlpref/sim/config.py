@@ -16,6 +16,7 @@ Example (YAML)::
         persona: judge
         malformed_rate: 0.05
         position_bias: 0.2
+        nondeterministic: true                # no `seed`: a new answer per call
         latency: {kind: lognormal, mean_ms: 50, sigma: 0.5}
         faults:
           server_error: {rate: 0.1, max_per_request: 1}
@@ -112,6 +113,9 @@ class ModelConfig(_Strict):
     filter_rate: float = Field(default=0.5, ge=0, le=1)  # filtered
     malformed_rate: float = Field(default=0.0, ge=0, le=1)  # judge, TASK: questions
     position_bias: float = Field(default=0.0, ge=0, le=1)  # judge, TASK: pairwise
+    # A request without `seed` is answered with a seed drawn from its body and arrival count:
+    # sending it again gives another answer (temperature > 0), as hosted APIs do.
+    nondeterministic: bool = False
     latency: LatencyConfig | None = None
     faults: dict[FaultKind, FaultSpec] | None = None
     rate_limit: RateLimitConfig | None = None
@@ -130,6 +134,9 @@ class SimConfig(_Strict):
 
     seed: int = 0
     image_tokens: int = Field(default=85, ge=0)
+    # Set: /v1/chat/completions and /v1/models answer 401 unless the request carries
+    # `Authorization: Bearer <this>` (a test double's key, not a secret).
+    require_api_key: str | None = None
     request_log_size: int = Field(default=200_000, gt=0)
     latency: LatencyConfig = LatencyConfig()
     faults: dict[FaultKind, FaultSpec] = Field(default_factory=dict)

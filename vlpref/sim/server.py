@@ -11,7 +11,13 @@ Counters and the request log get one entry per arrival at the chat endpoint, wri
 request finishes: `t` is the arrival time (time.monotonic(), comparable across processes on
 Linux), `status` the status sent, or 499 when the client went away first (e.g. during a hang),
 and `fault` one of rate_limit, server_error, hang, malformed, rate_limit_enforced, or null.
-POST /sim/reset also forgets the per-body arrival counts and the rate-limit windows.
+The counters' `usage` sums, per model, the `usage` of every well-formed answer sent with status
+200: what the endpoint billed, for tests that check a client's token accounting. POST /sim/reset
+also forgets the per-body arrival counts and the rate-limit windows.
+
+A model with `nondeterministic: true` answers a request without `seed` with a seed drawn from its
+body and arrival count, as hosted APIs sample afresh: the same request sent twice gets two
+answers (at temperature > 0), and a test can still predict them.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from vlpref.sim.faults import (
     SlidingWindow,
     format_duration,
     latency_s,
+    unit_hash,
 )
 from vlpref.sim.tokens import build_logprobs, tokenize
 
@@ -106,6 +113,7 @@ class ChatRequest:
     temperature: float
     max_tokens: int | None
     seed: int
+    seeded: bool  # the body set `seed`
     logprobs: bool
     top_logprobs: int
     user_text: str
@@ -121,6 +129,7 @@ class Arrival:
     model: str = "<invalid>"
     status: int = 500
     fault: str | None = None
+    usage: tuple[int, int] | None = None  # (prompt, completion) of a well-formed answer
 
 
 # ----------------------------------------------------------------------------- validation
@@ -282,6 +291,7 @@ def parse_chat(body: bytes, config: SimConfig, images: ImageCache) -> ChatReques
         temperature=_float_field(data, "temperature", 1.0, 0.0, 2.0),
         max_tokens=max_tokens,
         seed=seed or 0,
+        seeded=seed is not None,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         user_text=user_text,
@@ -360,6 +370,7 @@ class ModelRuntime:
     latency: LatencyConfig
     faults: dict[FaultKind, FaultSpec]
     window: SlidingWindow | None
+    nondeterministic: bool = False
 
 
 class SimState:
@@ -383,6 +394,7 @@ class SimState:
                 latency=config.latency_for(name),
                 faults=config.faults_for(name),
                 window=SlidingWindow(limits) if limits is not None else None,
+                nondeterministic=mc.nondeterministic,
             )
         self.log: deque[tuple[float, str, int, str | None]] = deque(maxlen=config.request_log_size)
         self._next_id = 0
@@ -394,6 +406,7 @@ class SimState:
         self.by_model: dict[str, dict[str, int]] = {}
         self.by_status: dict[str, int] = {}
         self.faults: dict[str, int] = {}
+        self.usage: dict[str, dict[str, int]] = {}
         self.log.clear()
         self.book.reset()
         for rt in self.models.values():
@@ -409,6 +422,10 @@ class SimState:
         self.by_status[status] = self.by_status.get(status, 0) + 1
         if arrival.fault is not None:
             self.faults[arrival.fault] = self.faults.get(arrival.fault, 0) + 1
+        if arrival.usage is not None and arrival.status == 200:
+            billed = self.usage.setdefault(arrival.model, {})
+            billed["prompt_tokens"] = billed.get("prompt_tokens", 0) + arrival.usage[0]
+            billed["completion_tokens"] = billed.get("completion_tokens", 0) + arrival.usage[1]
         self.log.append((arrival.t, arrival.model, arrival.status, arrival.fault))
 
     def new_id(self) -> str:
@@ -423,6 +440,7 @@ class SimState:
             "by_model": self.by_model,
             "by_status": self.by_status,
             "faults": self.faults,
+            "usage": self.usage,
         }
 
 
@@ -499,6 +517,8 @@ async def _handle_chat(request: web.Request, state: SimState, arrival: Arrival) 
     arrival_no = state.book.arrive(body_sha)
     fault = state.book.draw(body_sha, arrival_no, rt.faults) if rt.faults else None
     arrival.fault = fault
+    if rt.nondeterministic and not req.seeded:
+        req.seed = int(unit_hash(body_sha, arrival_no, "seed", state.book.seed) * 2**31)
     if fault == "rate_limit":
         return _injected_rate_limit(rt.faults["rate_limit"])
     if fault == "hang":
@@ -516,6 +536,8 @@ async def _handle_chat(request: web.Request, state: SimState, arrival: Arrival) 
     data = _dumps(payload)
     if fault == "malformed":
         data = data[: len(data) // 2]  # truncated JSON, still labelled application/json
+    else:
+        arrival.usage = (payload["usage"]["prompt_tokens"], payload["usage"]["completion_tokens"])
     await _sleep(delay)
     if request.transport is None or request.transport.is_closing():
         arrival.status = 499  # the client went away (e.g. it timed out on a hang)
@@ -537,12 +559,29 @@ def _model_hint(body: bytes) -> str:
     return model if isinstance(model, str) else "<invalid>"
 
 
+def _unauthorized(request: web.Request, state: SimState) -> web.Response | None:
+    """401 when the sim requires a key and the request does not carry it."""
+    wanted = state.config.require_api_key
+    if wanted is None or request.headers.get("Authorization") == f"Bearer {wanted}":
+        return None
+    return ApiError(
+        401,
+        "Incorrect API key provided (simulated).",
+        type_="invalid_request_error",
+        code="invalid_api_key",
+    ).response()
+
+
 async def chat_completions(request: web.Request) -> web.Response:
     """POST /v1/chat/completions."""
     state = request.app[STATE_KEY]
     arrival = Arrival(t=time.monotonic())
     try:
-        response = await _handle_chat(request, state, arrival)
+        response = _unauthorized(request, state)
+        if response is not None:
+            arrival.model = _model_hint(await request.read())
+        else:
+            response = await _handle_chat(request, state, arrival)
         if arrival.status != 499:
             arrival.status = response.status
         return response
@@ -564,6 +603,9 @@ async def chat_completions(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models."""
     state = request.app[STATE_KEY]
+    refused = _unauthorized(request, state)
+    if refused is not None:
+        return refused
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": "vlpref-sim"}
         for name in state.config.models
