@@ -3,7 +3,16 @@ import hashlib
 
 import pytest
 
-from vlpref.chat import ImagePart, Message, SamplingParams, TextPart
+from vlpref.chat import (
+    ImagePart,
+    Message,
+    Sample,
+    SampleUsage,
+    SamplingParams,
+    TextPart,
+    Usage,
+    split_usage,
+)
 
 
 def test_image_part_hashes_its_bytes_and_builds_a_data_url() -> None:
@@ -42,3 +51,37 @@ def test_sampling_params_key_excludes_n_and_unset_fields() -> None:
         "logprobs": True,
         "top_logprobs": 5,
     }
+
+
+def test_split_usage_adds_up_and_gives_the_remainder_to_the_first_samples() -> None:
+    samples = [Sample(i, "x", "stop") for i in range(3)]
+    shares = split_usage(Usage(10, 7), samples, "c")
+    assert [(s.prompt_tokens, s.completion_tokens, s.exact) for s in shares] == [
+        (4, 3, False),
+        (3, 2, False),
+        (3, 2, False),
+    ]
+    assert {s.call_id for s in shares} == {"c"}
+
+
+def test_split_usage_takes_per_choice_counts_as_exact() -> None:
+    def counted(*counts: int | None) -> list[Sample]:
+        return [Sample(i, "x", "stop", completion_tokens=c) for i, c in enumerate(counts)]
+
+    def split(usage: Usage, samples: list[Sample]) -> list[tuple[int, bool]]:
+        return [(s.completion_tokens, s.exact) for s in split_usage(usage, samples, "c")]
+
+    assert split(Usage(5, 9), counted(4, 5)) == [(4, True), (5, True)]
+    # The choices without a count share what the others leave.
+    assert split(Usage(5, 9), counted(4, None, None)) == [(4, True), (3, False), (2, False)]
+    # Billed for more than the choices show (hidden tokens): spread, and no longer exact.
+    assert split(Usage(5, 12), counted(4, 5)) == [(6, False), (6, False)]
+    # An endpoint that under-reports (or reports nothing) is overruled by the counts.
+    assert split(Usage(0, 0), counted(4, 5)) == [(4, True), (5, True)]
+    assert split_usage(Usage(3, 3), [], "c") == []
+
+
+def test_a_shared_sample_carries_no_tokens_and_keeps_its_call() -> None:
+    share = SampleUsage("c", 4, 3, True)
+    assert share.shared() == SampleUsage("c", 0, 0, False)
+    assert share.usage == Usage(4, 3) and Usage(1, 2) + Usage(3, 4) == Usage(4, 6)

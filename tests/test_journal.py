@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from vlpref.chat import Sample, TokenLogprob, Usage
+from vlpref.chat import Sample, SampleUsage, TokenLogprob, Usage
 from vlpref.errors import JournalError
 from vlpref.journal import Journal, JournalEntry
 
@@ -93,3 +93,30 @@ def test_object_store_filesystems_get_part_files() -> None:
     reopened = Journal(location)
     assert sorted(reopened.keys()) == ["a", "b", "c", "d"]
     assert len(reopened.fs.ls(reopened.root)) == 2
+
+
+def test_a_sample_share_survives_a_reopen(tmp_path: Path) -> None:
+    share = SampleUsage("c1", 5, 2, True)
+    shared = JournalEntry(
+        key="a",
+        sample=Sample(0, "hi", "stop", None, 2, share),
+        model="m",
+        usage=Usage(10, 4),
+        call_id="c1",
+        latency_s=0.05,
+        created=1.0,
+    )
+    with Journal(str(tmp_path / "j")) as journal:
+        journal.append([shared])
+    again = Journal(str(tmp_path / "j")).get("a")
+    assert again == shared and again.share == share
+
+
+def test_a_line_from_before_shares_reads_as_its_whole_call_not_exact(tmp_path: Path) -> None:
+    root = tmp_path / "j"
+    root.mkdir()
+    old = b'{"k":"a","i":1,"m":"m","x":"hi","f":"stop","u":[10,4],"c":"c1","l":0.1,"t":1.0}\n'
+    (root / "old.jsonl").write_bytes(old)
+    got = Journal(str(root)).get("a")
+    assert got is not None and got.sample.usage is None and got.sample.completion_tokens is None
+    assert got.share == SampleUsage("c1", 10, 4, False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ FailureKind = Literal[
     "bad_request",  # 400/404/422: retrying cannot help (bad image, unknown model, ...)
     "auth",  # 401/403
     "engine",  # an in-process engine raised
+    "stopped",  # not sent: the batch's first N requests all failed alike (vlpref/earlystop.py)
     "other",
 ]
 
@@ -147,16 +149,6 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True, slots=True)
-class Sample:
-    """One returned choice."""
-
-    index: int
-    text: str
-    finish_reason: str  # "stop", "length", "content_filter", "tool_calls", ...
-    logprobs: tuple[TokenLogprob, ...] | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -167,6 +159,92 @@ class Usage:
 
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SampleUsage:
+    """One sample's share of the call that produced it; the runner sets it (see `split_usage`).
+
+    The shares of a call's samples add up to the call's usage exactly: its prompt tokens are split
+    evenly over the samples it returned (the remainder to the lowest indices), and its completion
+    tokens go to each sample by the endpoint's own per-choice count when it gave one (`exact`),
+    else are split the same way (`exact` false). A sample that repeats another one of its batch
+    (the same request key) carries zero tokens, `exact` false: the first one carries the cost.
+    """
+
+    call_id: str  # names the call: siblings of one n>1 call share it
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    exact: bool = False  # completion_tokens is this sample's own length, as the endpoint counted
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.completion_tokens)
+
+    def shared(self) -> SampleUsage:
+        """The same sample handed to a second request of the batch: no tokens of its own."""
+        return SampleUsage(self.call_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One returned choice.
+
+    `completion_tokens` is the choice's own token count when the provider knows it (vLLM's token
+    ids, the entries of OpenAI token logprobs), else None. `usage` is the sample's share of its
+    call, set by the runner (None straight out of a provider).
+    """
+
+    index: int
+    text: str
+    finish_reason: str  # "stop", "length", "content_filter", "tool_calls", ...
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    completion_tokens: int | None = None
+    usage: SampleUsage | None = None
+
+
+def _even(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` integers that add up to it, the remainder to the first ones."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def split_usage(usage: Usage, samples: Sequence[Sample], call_id: str) -> list[SampleUsage]:
+    """Each returned sample's share of the call's `usage`; the shares add up to `usage`.
+
+    Prompt tokens: split evenly over the samples (every sample of the call was conditioned on the
+    one prompt; putting them all on sample 0 would make its row look like the expensive one).
+    Completion tokens: a sample's own count where the provider gave one (`exact`), the rest of the
+    call's completion tokens split evenly over the samples without one. When every sample has its
+    own count but they add up to less than the call was billed (tokens the endpoint does not show
+    per choice), the difference is split over all of them and none is exact. An endpoint that
+    reports fewer completion tokens than its choices hold (or no usage at all) is overruled by
+    the per-choice counts.
+    """
+    if not samples:
+        return []
+    prompts = _even(usage.prompt_tokens, len(samples))
+    own = [s.completion_tokens for s in samples]
+    unknown = [i for i, c in enumerate(own) if c is None]
+    rest = max(usage.completion_tokens - sum(c for c in own if c is not None), 0)
+    completions = [c or 0 for c in own]
+    exact = [c is not None for c in own]
+    if unknown:
+        for i, share in zip(unknown, _even(rest, len(unknown)), strict=True):
+            completions[i] = share
+    elif rest:
+        spread = _even(rest, len(own))
+        completions = [c + share for c, share in zip(completions, spread, strict=True)]
+        exact = [False] * len(own)
+    return [
+        SampleUsage(call_id, p, c, e) for p, c, e in zip(prompts, completions, exact, strict=True)
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +261,15 @@ class Failure:
 class ChatResult:
     """The outcome of one `ChatRequest`: its samples, or a failure.
 
-    `cached` is true when every sample came from the request journal and nothing was sent.
-    `usage` and `latency_s` describe the call(s) that produced the samples (zero when cached).
+    Straight out of a provider, `usage` is the whole call's, as the endpoint reported it. Out of
+    the runner (`run_requests`), `usage` is the sum of the samples' `usage` shares: what this
+    result's rows add up to. Journaled samples carry the share their call recorded, so a cached
+    or partly cached result has the usage a fresh one had; a sample that repeats another request
+    of the batch carries none (see `SampleUsage`).
+
+    `cached` is true when nothing was sent for this request: every sample came from the request
+    journal, or from another request of the batch with the same key. `latency_s` and `attempts`
+    describe the call made for this request (zero when cached).
     """
 
     request: ChatRequest

@@ -10,6 +10,13 @@ every `flush_every` lines and at close.
 Reading tolerates a torn last line (the crash case) and refuses anything else that is not JSON,
 naming the segment and line. Only answers are journaled: a request that failed is not, so a rerun
 asks for it again.
+
+Usage: each line holds its call's whole usage (`u`) and the sample's own share of it (`s`:
+prompt tokens, completion tokens, 1 if the completion count is the sample's own), so a sample
+answered from the journal carries exactly the tokens it carried when it was answered. Lines
+written before shares were recorded (no `s`) read as carrying their call's whole usage, not
+exact: right for n=1 calls, an over-count by the sibling count for n>1 calls (what tables built
+from fresh calls showed then); rebuilding such a journal is the only way to exact shares.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import IO, Any
 
 import orjson
 
-from vlpref.chat import Sample, TokenLogprob, Usage
+from vlpref.chat import Sample, SampleUsage, TokenLogprob, Usage
 from vlpref.errors import JournalError
 from vlpref.fs import AbstractFileSystem, is_local, join, resolve
 
@@ -33,15 +40,23 @@ SEGMENT_SUFFIX = ".jsonl"
 
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
-    """One journaled sample."""
+    """One journaled sample; `sample.usage` is its share of the call (`SampleUsage`)."""
 
     key: str
     sample: Sample
     model: str
     usage: Usage  # of the whole call that produced the sample (shared by its siblings)
-    call_id: str  # identifies that call, so usage is counted once per call
+    call_id: str  # names that call (the runner's `call_id`): siblings of one call share it
     latency_s: float
     created: float
+
+    @property
+    def share(self) -> SampleUsage:
+        """The sample's share of its call; a line without one (written before shares were
+        recorded) reads as carrying its call's whole usage, not exact."""
+        if self.sample.usage is not None:
+            return self.sample.usage
+        return SampleUsage(self.call_id, self.usage.prompt_tokens, self.usage.completion_tokens)
 
     def to_json(self) -> bytes:
         """One journal line (without its newline): compact UTF-8 JSON, key first."""
@@ -56,6 +71,9 @@ class JournalEntry:
             "l": round(self.latency_s, 6),
             "t": round(self.created, 3),
         }
+        share = self.sample.usage
+        if share is not None:
+            record["s"] = [share.prompt_tokens, share.completion_tokens, int(share.exact)]
         if self.sample.logprobs is not None:
             # Tuples serialise as arrays: no per-token list copies on this hot path.
             record["lp"] = [(t.token, t.logprob, t.top) for t in self.sample.logprobs]
@@ -72,12 +90,22 @@ class JournalEntry:
             else None
         )
         prompt, completion = record["u"]
+        call_id = record["c"]
+        s = record.get("s")  # absent on lines written before shares were: `share` reads those
+        share = None if s is None else SampleUsage(call_id, s[0], s[1], bool(s[2]))
         return cls(
             key=record["k"],
-            sample=Sample(record["i"], record["x"], record["f"], logprobs),
+            sample=Sample(
+                record["i"],
+                record["x"],
+                record["f"],
+                logprobs,
+                share.completion_tokens if share is not None and share.exact else None,
+                share,
+            ),
             model=record["m"],
             usage=Usage(prompt, completion),
-            call_id=record["c"],
+            call_id=call_id,
             latency_s=float(record["l"]),
             created=float(record["t"]),
         )

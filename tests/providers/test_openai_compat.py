@@ -101,6 +101,9 @@ async def test_text_image_n_and_logprobs(sim: SimServer) -> None:
     assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
     logprobs = result.samples[0].logprobs
     assert logprobs is not None and len(logprobs) > 0
+    # Token logprobs count each choice's tokens: together, what the call was billed.
+    assert result.samples[0].completion_tokens == len(logprobs)
+    assert sum(s.completion_tokens or 0 for s in result.samples) == result.usage.completion_tokens
     assert all(len(t.top) == 3 and t.logprob <= 0 for t in logprobs)
     assert result.attempts == 1 and not result.cached
 

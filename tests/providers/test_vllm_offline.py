@@ -205,6 +205,7 @@ async def test_results_samples_usage_and_logprobs(fake_vllm: ModuleType) -> None
     assert [s.index for s in result.samples] == [0, 1]  # sorted, whatever vLLM's order
     assert [s.finish_reason for s in result.samples] == ["stop", "length"]
     assert result.usage.prompt_tokens == 7 and result.usage.completion_tokens == 6
+    assert [s.completion_tokens for s in result.samples] == [3, 3]  # each choice's token ids
     first = result.samples[0].logprobs
     assert first is not None and len(first) == 3
     assert first[0].token == "t10" and first[0].logprob == -1.0
@@ -235,6 +236,13 @@ async def test_batches_are_chunked_and_journaled(fake_vllm: ModuleType, tmp_path
     stats = BatchStats()
     results = await run_all(p, batch, journal, stats)
     assert all(r.ok for r in results) and stats.sent == 10 and len(journal) == 20
+    # Each sample's share of its call: 7 prompt tokens split 4 + 3, its own 3 tokens, exact.
+    shares = [
+        (s.usage.prompt_tokens, s.usage.completion_tokens, s.usage.exact)
+        for s in results[0].samples
+        if s.usage
+    ]
+    assert shares == [(4, 3, True), (3, 3, True)]
     assert p._llm is not None and p._llm.calls == [4, 4, 2]
     again = BatchStats()
     await run_all(p, batch, Journal(str(tmp_path / "j")), again)

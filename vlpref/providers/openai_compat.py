@@ -244,6 +244,9 @@ def _parse_choice(choice: Mapping[str, Any]) -> Sample:
         text=content,
         finish_reason=str(choice.get("finish_reason") or "unknown"),
         logprobs=logprobs,
+        # Token logprobs list the choice's tokens one by one: its own exact length. Without
+        # them the endpoint reports completion tokens for the whole call only.
+        completion_tokens=len(logprobs) if logprobs is not None else None,
     )
 
 

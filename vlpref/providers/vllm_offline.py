@@ -241,6 +241,7 @@ def map_output(request: ChatRequest, output: Any, tokenizer: Any, latency_s: flo
                 text=str(choice.text),
                 finish_reason=str(choice.finish_reason or "unknown"),
                 logprobs=logprobs,
+                completion_tokens=len(token_ids),
             )
         )
     usage = Usage(len(output.prompt_token_ids or ()), completion_tokens)
