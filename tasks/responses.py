@@ -5,6 +5,11 @@ refusal or a content-filter stop is a response like any other. A request that fa
 provider's retries makes each of its samples a failure with the reason.
 
 Accounting unit: response samples (questions x models x n). in = out + failed.
+
+Each row's `prompt_tokens` and `completion_tokens` are its sample's share of the call that
+produced it (`vlpref.chat.SampleUsage`), the same whether the sample was just answered or came
+from the journal: summing a column counts every call once. A request that repeats another one of
+the batch (same key) shares its answer and carries no tokens; `call_id` names the call.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def collect_responses(
                     )
                 )
                 continue
+            usage = sample.usage  # its share of its call (the runner sets it)
             rows.append(
                 {
                     "response_id": rid,
@@ -94,8 +100,10 @@ def collect_responses(
                     "sample_idx": idx,
                     "text": sample.text,
                     "finish_reason": sample.finish_reason,
-                    "prompt_tokens": result.usage.prompt_tokens,
-                    "completion_tokens": result.usage.completion_tokens,
+                    "prompt_tokens": usage.prompt_tokens if usage else 0,
+                    "completion_tokens": usage.completion_tokens if usage else 0,
+                    "usage_exact": usage.exact if usage else False,
+                    "call_id": usage.call_id if usage else None,
                     "latency_s": result.latency_s,
                     "cached": result.cached,
                     "branch_id": branch_id,
@@ -109,5 +117,9 @@ def collect_responses(
         n_in=n_in,
         rows=table(rows, RESPONSES),
         failures=tuple(failures),
-        extra={"requests_sent": stats.sent, "requests_cached": stats.cached},
+        extra={
+            "requests_sent": stats.sent,
+            "requests_cached": stats.cached,
+            "requests_deduplicated": stats.deduplicated,
+        },
     )

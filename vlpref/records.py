@@ -56,8 +56,13 @@ RESPONSES = pa.schema(
         ("sample_idx", pa.int32()),
         ("text", pa.string()),
         ("finish_reason", pa.string()),
+        # The sample's share of the call that produced it: summed over rows, every call counts
+        # once (README: The responses table). `usage_exact`: completion_tokens is the sample's
+        # own length as the endpoint counted it, not a split of its call's.
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
+        ("usage_exact", pa.bool_()),
+        ("call_id", pa.string()),  # the call that produced the sample; n > 1 siblings share it
         ("latency_s", pa.float64()),
         ("cached", pa.bool_()),
         ("branch_id", pa.string()),

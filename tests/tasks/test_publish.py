@@ -154,6 +154,8 @@ def add_question(
                 "finish_reason": "stop",
                 "prompt_tokens": 10,
                 "completion_tokens": 20,
+                "usage_exact": False,
+                "call_id": stable_id("call", response_id),
                 "latency_s": 0.1,
                 "cached": False,
                 "branch_id": branch,
