@@ -5,6 +5,15 @@ endpoint's `concurrency` and `rpm` would be multiplied by the number of branches
 service instead keeps one provider per endpoint on one background event loop; tasks hand it a
 batch and iterate over the results from their own thread. Limits therefore hold per endpoint per
 process (with several worker processes, e.g. Dask, divide the limits among them).
+
+Each batch (one stage's requests for one model) starts with a probe (`vlpref.earlystop`): its first
+`early_stop_after` sent requests go out alone, and if they all fail with the same cause that
+retrying cannot heal (a wrong key, an unknown model, answers that never parse) the rest of the
+batch is answered without being sent, as failures of kind `stopped`. The first usable answer ends
+the probe, and the batch goes on at full speed while the probe's last requests finish. That hold-
+back costs one answer's latency, so a model (with the same answer check) whose batch passed in the
+last `TRUST_S` seconds skips it: its batches start at full speed and are watched the same way,
+stopping after the chunk in flight.
 """
 
 from __future__ import annotations
@@ -12,12 +21,17 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
+import logging
+import math
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Self
 
-from vlpref.chat import ChatRequest, ChatResult
+from vlpref.chat import ChatRequest, ChatResult, Failure
+from vlpref.earlystop import DEFAULT_EARLY_STOP_AFTER, Check, EarlyStop, cause_of
 from vlpref.journal import Journal
 from vlpref.keys import canonical_json
 from vlpref.providers.base import Provider
@@ -25,11 +39,78 @@ from vlpref.providers.registry import create_provider
 from vlpref.runner import BatchStats, run_requests
 
 _DONE = object()
+logger = logging.getLogger(__name__)
+
+# A model whose batch passed its probe lately is trusted: its next batches start at full speed,
+# watched the same way (the first N sent results), so a key revoked mid-run still stops a batch,
+# after the chunk in flight. Holding every batch back for one answer's latency cost up to 14 % of
+# the rate with many small batches at once (50 ms answers, 4 x 12 batches of 57 requests).
+TRUST_S = 600.0
 
 
 class _Raised:
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One stage's requests for one model on one provider. `check` (optional) says why a
+    successful answer is unusable (it does not parse); the early-stop probe counts such answers
+    as failures. A plain `(provider, requests)` tuple is a batch without a check."""
+
+    provider: Provider
+    requests: Iterable[ChatRequest]
+    check: Check | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _StopNotice:
+    """Put on the result queue once a stopped batch has answered all its requests."""
+
+    reason: str
+    not_sent: int
+
+
+class _NotSent(Provider):
+    """Answers every request with one failure, sending nothing: the tail of a stopped batch.
+    It has its provider's identity, so the journal still answers what it holds."""
+
+    kind = "not-sent"
+
+    def __init__(self, identity: str, failure: Failure) -> None:
+        self._identity = identity
+        self.failure = failure
+        self.answered = 0
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any]) -> Self:
+        raise NotImplementedError("built by the model service only")
+
+    async def complete(self, requests: Iterable[ChatRequest]) -> AsyncIterator[ChatResult]:
+        for request in requests:
+            self.answered += 1
+            yield ChatResult(request, failure=self.failure)
+
+
+def _warn(message: str) -> None:
+    """One warning line: on the Prefect run's logger inside a flow or task run, else logging."""
+    try:
+        from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
+
+        try:
+            get_run_logger().warning(message)
+            return
+        except MissingContextError:
+            pass
+    except ImportError:  # pragma: no cover - a process without Prefect (the vLLM tier)
+        pass
+    logger.warning(message)
 
 
 class ModelService:
@@ -45,6 +126,9 @@ class ModelService:
         )
         self._thread.start()
         self._providers: dict[str, Provider] = {}
+        self._early_stop: dict[int, int] = {}  # id(provider) -> its batches' early-stop limit
+        # (id(provider), model, check) -> when a batch of it last passed its probe (loop thread)
+        self._passed: dict[tuple[int, str, str], float] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -55,22 +139,29 @@ class ModelService:
                 atexit.register(cls._shared.close)
             return cls._shared
 
-    def provider(self, options: Mapping[str, Any]) -> Provider:
-        """The provider for an endpoint entry (same options, same provider)."""
+    def provider(
+        self, options: Mapping[str, Any], *, early_stop_after: int | None = None
+    ) -> Provider:
+        """The provider for an endpoint entry (same options, same provider). `early_stop_after`
+        (the run config's) sets how many sent failures alike stop its batches (0: never)."""
         key = canonical_json(dict(options))
         with self._lock:
             if key not in self._providers:
                 kind = str(options.get("kind", "openai"))
                 self._providers[key] = create_provider(kind, options)
-            return self._providers[key]
+            provider = self._providers[key]
+            if early_stop_after is not None:
+                self._early_stop[id(provider)] = early_stop_after
+            return provider
 
     def run(
         self,
-        batches: Iterable[tuple[Provider, Iterable[ChatRequest]]],
+        batches: Iterable[Batch | tuple[Provider, Iterable[ChatRequest]]],
         journal: Journal | None,
         stats: BatchStats | None = None,
         *,
         chunk_size: int = 2048,
+        early_stop_after: int | None = None,
     ) -> Iterator[ChatResult]:
         """Run batches (each on its provider) concurrently; yield results in this thread as they
         arrive. The journal is written from the service loop, as results arrive.
@@ -78,26 +169,103 @@ class ModelService:
         Requests are pulled from each batch lazily, `chunk_size` at a time, and a new chunk starts
         only once the caller has taken most of the previous chunk's results: memory holds a few
         chunks of requests and results however large the batch (a branch of a SPA-VL-sized run
-        has tens of thousands of judge calls)."""
+        has tens of thousands of judge calls).
+
+        Each batch is probed first (module docstring): `early_stop_after` sets the probe's size
+        for every batch of this call (0: no probe); by default the limit given to `provider()`,
+        else `DEFAULT_EARLY_STOP_AFTER`. A stopped batch's remaining requests come back as
+        failures of kind `stopped` (journaled answers still come from the journal), count as
+        failed and not as sent in `stats`, and one warning is logged."""
         results: queue.Queue[object] = queue.Queue()
-        batch_list = list(batches)
+        batch_list = [b if isinstance(b, Batch) else Batch(*b) for b in batches]
         if not batch_list:
             return
+        counts = stats if stats is not None else BatchStats()
 
-        async def pump(provider: Provider, requests: Iterable[ChatRequest]) -> None:
-            iterator = iter(requests)
+        async def wait_for_caller() -> None:
+            # Backpressure: let the caller catch up before asking for more. The caller is
+            # another thread reading a queue.Queue, so polling is simpler than an Event it
+            # would have to set through the loop for every result.
+            while results.qsize() > chunk_size:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+        async def send(
+            provider: Provider,
+            iterator: Iterator[ChatRequest],
+            guard: EarlyStop | None = None,
+            check: Check | None = None,
+        ) -> None:
+            # With a guard (a trusted model: no hold-back), the first sent results are watched
+            # as in the probe, and a stop ends the batch after the chunk in flight.
             while chunk := list(itertools.islice(iterator, chunk_size)):
-                async for result in run_requests(provider, chunk, journal, stats):
+                async for result in run_requests(provider, chunk, journal, counts):
+                    if guard is not None and guard.probing and not result.cached:
+                        guard.observe(cause_of(result, check), result.request.model)
                     results.put(result)
-                # Backpressure: let the caller catch up before asking for more. The caller is
-                # another thread reading a queue.Queue, so polling is simpler than an Event it
-                # would have to set through the loop for every result.
-                while results.qsize() > chunk_size:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+                await wait_for_caller()
+                if guard is not None and guard.stopped:
+                    return
+
+        async def probe(
+            batch: Batch, iterator: Iterator[ChatRequest], guard: EarlyStop, decided: asyncio.Event
+        ) -> None:
+            # At most `guard.remaining` requests per chunk: journal hits do not count, so the
+            # probe sends no more than the limit before it decides.
+            try:
+                while guard.probing and (
+                    chunk := list(itertools.islice(iterator, guard.remaining))
+                ):
+                    async for result in run_requests(batch.provider, chunk, journal, counts):
+                        if guard.probing and not result.cached:
+                            guard.observe(cause_of(result, batch.check), result.request.model)
+                            if not guard.probing:
+                                decided.set()
+                        results.put(result)
+                    await wait_for_caller()
+            finally:
+                decided.set()
+
+        async def pump(batch: Batch) -> None:
+            iterator = iter(batch.requests)
+            limit = early_stop_after
+            if limit is None:
+                limit = self._early_stop.get(id(batch.provider), DEFAULT_EARLY_STOP_AFTER)
+            first = next(iterator, None)
+            if first is None:
+                return
+            iterator = itertools.chain((first,), iterator)
+            if limit <= 0:
+                await send(batch.provider, iterator)
+                return
+            guard, decided = EarlyStop(limit), asyncio.Event()
+            # Trust is per check too: answers that arrive are no sign that they parse.
+            check = batch.check
+            key = (id(batch.provider), first.model, getattr(check, "__qualname__", repr(check)))
+            if time.monotonic() - self._passed.get(key, -math.inf) < TRUST_S:
+                await send(batch.provider, iterator, guard, batch.check)
+            else:
+                probing = asyncio.create_task(probe(batch, iterator, guard, decided))
+                try:
+                    await decided.wait()
+                    if guard.stopped or probing.done():  # stopped, failed, or a small batch
+                        await probing
+                    else:  # passed: the rest at full speed while the probe's tail finishes
+                        await asyncio.gather(probing, send(batch.provider, iterator))
+                finally:
+                    if not probing.done():
+                        probing.cancel()
+            if guard.state == "passed":
+                self._passed[key] = time.monotonic()
+            elif guard.stopped:
+                self._passed.pop(key, None)
+                not_sent = _NotSent(batch.provider.identity, guard.failure())
+                await send(not_sent, iterator)
+                counts.sent -= not_sent.answered  # run_requests counted them as sent
+                results.put(_StopNotice(guard.reason(), not_sent.answered))
 
         async def pump_all() -> None:
             try:
-                await asyncio.gather(*(pump(p, r) for p, r in batch_list))
+                await asyncio.gather(*(pump(b) for b in batch_list))
             except BaseException as exc:  # handed to the caller's thread, raised there
                 results.put(_Raised(exc))
             finally:
@@ -107,12 +275,17 @@ class ModelService:
         try:
             while True:
                 item = results.get()
-                if item is _DONE:
+                if isinstance(item, ChatResult):
+                    yield item
+                elif item is _DONE:
                     break
-                if isinstance(item, _Raised):
+                elif isinstance(item, _Raised):
                     raise item.error
-                assert isinstance(item, ChatResult)
-                yield item
+                elif isinstance(item, _StopNotice):
+                    _warn(
+                        f"early stop: {item.reason} ({item.not_sent} more request(s) of the "
+                        "batch not sent: failures of kind 'stopped', which a rerun asks again)"
+                    )
         finally:
             if not future.done():
                 future.cancel()
