@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,7 +26,7 @@ from vlpref.journal import Journal
 from vlpref.prompts import Prompt, load_prompt
 from vlpref.records import QUESTIONS, stable_id, table
 from vlpref.runner import BatchStats
-from vlpref.service import ModelService
+from vlpref.service import Batch, ModelService
 from vlpref.stage import FailureRow, StageOutput
 from vlpref.taxonomy import Subcategory
 
@@ -89,6 +89,7 @@ def generate_questions(
         params = replace(params, n=1)  # one caption / one question set per image
 
     stats = BatchStats()
+    stopped: set[str] = set()  # images whose request early stop did not send (vlpref/earlystop)
     captions: dict[str, _Caption] = {r["image_id"]: _Caption() for r in rows}
     pending = {r["image_id"]: r for r in rows}
     for attempt in range(stage.max_attempts):
@@ -118,6 +119,8 @@ def generate_questions(
                 pending.pop(image_id)
             elif not result.ok:
                 assert result.failure is not None
+                if result.failure.kind == "stopped":
+                    stopped.add(image_id)
                 caption.failure = (
                     f"caption request failed ({result.failure.kind}): {result.failure.message}"
                 )
@@ -146,11 +149,16 @@ def generate_questions(
             )
             for image_id, row in pending.items()
         ]
-        for result in service.run([(provider, requests)], journal, stats):
+        # The first answers all unparseable: the generator is asked no more (re-asks are answers
+        # that failed to parse already, so only transport failures stop those).
+        check = None if attempt else _questions_check(stage.types)
+        for result in service.run([Batch(provider, requests, check)], journal, stats):
             image_id = result.request.id
             attempts_used[image_id] = attempt + 1
             if not result.ok:
                 assert result.failure is not None
+                if result.failure.kind == "stopped":
+                    stopped.add(image_id)
                 last_error[image_id] = (
                     f"questions request failed ({result.failure.kind}): {result.failure.message}"
                 )
@@ -176,7 +184,9 @@ def generate_questions(
             continue
         reason = caption.failure if caption.text is None else last_error.get(image_id, "no answer")
         kind = (
-            "caption"
+            "stopped"  # not sent: a rerun asks again (a transient kind, vlpref/retry.py)
+            if image_id in stopped
+            else "caption"
             if caption.text is None
             else ("unparseable" if reason and reason.startswith("unparseable") else "request")
         )
@@ -196,6 +206,19 @@ def generate_questions(
         failures=tuple(failures),
         extra={"images": len(rows), "requests_sent": stats.sent, "requests_cached": stats.cached},
     )
+
+
+def _questions_check(types: tuple[str, ...]) -> Callable[[ChatResult], str | None]:
+    """Why an answer of the questions round is unusable, for the early-stop probe."""
+
+    def check(result: ChatResult) -> str | None:
+        try:
+            parse_questions(result.samples[0].text if result.samples else "", types)
+        except UnparseableQuestions as exc:
+            return f"unparseable questions: {exc}"
+        return None
+
+    return check
 
 
 def _questions_request(
