@@ -24,7 +24,7 @@ Contract of `complete`:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Self
 
 from vlpref.chat import ChatRequest, ChatResult
@@ -48,6 +48,15 @@ class Provider(abc.ABC):
         """Check an endpoint entry when the config is loaded, long before a request is sent.
         Raise pydantic's ValidationError (its locations become config field paths) or
         ProviderError. The default accepts anything."""
+
+    @classmethod
+    def preflight(cls, options: Mapping[str, Any], model_ids: Sequence[str]) -> list[str]:
+        """Before a run's first stage (`vlpref.preflight`): what would make every request to
+        this endpoint fail (credentials, reachability, models it does not serve), one message
+        per problem; an empty list when all looks well. It must be quick and must not send a
+        paid request. `model_ids` are the ids the config asks this endpoint for. The default
+        finds nothing; the built-in kinds are checked by `vlpref.preflight` itself."""
+        return []
 
     @classmethod
     @abc.abstractmethod
