@@ -159,23 +159,33 @@ def test_a_healthy_batch_is_sent_whole(sim: SimServer, service: ModelService) ->
     assert arrivals(sim, "echo") == {"200": 500} and stats.sent == 500
 
 
+@pytest.mark.parametrize("chunk_size", [2048, 3])  # 3: the probe spans chunks
 def test_journal_hits_do_not_count_toward_the_probe(
-    sim: SimServer, service: ModelService, tmp_path: Path
+    sim: SimServer, service: ModelService, tmp_path: Path, chunk_size: int
 ) -> None:
     """Journaled answers (from the right key) come first; the wrong key's batch still probes
     N *sent* requests, and journaled requests after the stop still come from the journal."""
     journal = Journal(str(tmp_path / "journal"))
     good = service.provider(endpoint(sim))
-    warm = [*requests("echo", 20), *requests("echo", 10, start=100)]
-    assert kinds(list(service.run([(good, warm)], journal))) == {"ok": 30}
+    # 0-19, 22 and 25 (among the probe's), 100-109 (after the stop)
+    warm = [*requests("echo", 20), *requests("echo", 1, 22), *requests("echo", 1, 25)]
+    warm += requests("echo", 10, start=100)
+    assert kinds(list(service.run([(good, warm)], journal))) == {"ok": 32}
     sim.reset()
     wrong = service.provider(endpoint(sim, "SIM_WRONG_KEY"))  # same identity: same journal keys
     stats = BatchStats()
-    results = list(service.run([(wrong, requests("echo", 200))], journal, stats))
+    results = list(
+        service.run([(wrong, requests("echo", 200))], journal, stats, chunk_size=chunk_size)
+    )
     assert arrivals(sim, "echo") == {"401": N}
-    assert kinds(results) == {"ok": 30, "auth": N, "stopped": 200 - 30 - N}
+    assert kinds(results) == {"ok": 32, "auth": N, "stopped": 200 - 32 - N}
     assert all(r.cached for r in results if r.ok)
-    assert (stats.requests, stats.cached, stats.sent, stats.failed) == (200, 30, N, 170)
+    assert (stats.requests, stats.cached, stats.sent, stats.failed) == (200, 32, N, 168)
+    # The probe sent 20, 21, 23, 24, 26..29: the first 8 requests not in the journal.
+    auth = sorted(
+        int(r.request.id.split(":")[1]) for r in results if r.failure and r.failure.kind == "auth"
+    )
+    assert auth == [20, 21, 23, 24, 26, 27, 28, 29]
 
 
 def test_a_check_turns_unusable_answers_into_a_cause(sim: SimServer, service: ModelService) -> None:

@@ -9,11 +9,11 @@ process (with several worker processes, e.g. Dask, divide the limits among them)
 Each batch (one stage's requests for one model) starts with a probe (`vlpref.earlystop`): its first
 `early_stop_after` sent requests go out alone, and if they all fail with the same cause that
 retrying cannot heal (a wrong key, an unknown model, answers that never parse) the rest of the
-batch is answered without being sent, as failures of kind `stopped`. The first usable answer ends
-the probe, and the batch goes on at full speed while the probe's last requests finish. That hold-
-back costs one answer's latency, so a model (with the same answer check) whose batch passed in the
-last `TRUST_S` seconds skips it: its batches start at full speed and are watched the same way,
-stopping after the chunk in flight.
+batch is answered without being sent, as failures of kind `stopped`. Once the probe has decided
+(the first usable answer, a transient failure or a different cause passes it) and its requests
+have finished, the batch goes on at full speed. That hold-back costs one answer's latency, so a
+model (with the same answer check) whose batch passed in the last `TRUST_S` seconds skips it: its
+batches start at full speed and are watched the same way, stopping after the chunk in flight.
 """
 
 from __future__ import annotations
@@ -192,41 +192,35 @@ class ModelService:
         async def send(
             provider: Provider,
             iterator: Iterator[ChatRequest],
+            counted: set[str],
             guard: EarlyStop | None = None,
             check: Check | None = None,
+            *,
+            hold_back: bool = False,
         ) -> None:
-            # With a guard (a trusted model: no hold-back), the first sent results are watched
-            # as in the probe, and a stop ends the batch after the chunk in flight.
-            while chunk := list(itertools.islice(iterator, chunk_size)):
-                async for result in run_requests(provider, chunk, journal, counts):
+            # One chunk after the other: a request repeated in a later chunk is answered from
+            # the journal, and `counted` (the batch's sample keys whose usage was handed out)
+            # lets it carry no usage a second time (vlpref/runner.py).
+            # With a guard, the first sent results are watched until it decides; then this
+            # returns. `hold_back` (the probe): chunks of at most `guard.remaining` requests, so
+            # no more than the limit is sent before the decision (journal hits do not count).
+            # Without it (a trusted model) chunks are full, and a stop comes after the chunk.
+            while guard is None or guard.probing:
+                size = chunk_size
+                if hold_back and guard is not None:
+                    size = min(guard.remaining, chunk_size)
+                chunk = list(itertools.islice(iterator, size))
+                if not chunk:
+                    return
+                async for result in run_requests(provider, chunk, journal, counts, counted=counted):
                     if guard is not None and guard.probing and not result.cached:
                         guard.observe(cause_of(result, check), result.request.model)
                     results.put(result)
                 await wait_for_caller()
-                if guard is not None and guard.stopped:
-                    return
-
-        async def probe(
-            batch: Batch, iterator: Iterator[ChatRequest], guard: EarlyStop, decided: asyncio.Event
-        ) -> None:
-            # At most `guard.remaining` requests per chunk: journal hits do not count, so the
-            # probe sends no more than the limit before it decides.
-            try:
-                while guard.probing and (
-                    chunk := list(itertools.islice(iterator, guard.remaining))
-                ):
-                    async for result in run_requests(batch.provider, chunk, journal, counts):
-                        if guard.probing and not result.cached:
-                            guard.observe(cause_of(result, batch.check), result.request.model)
-                            if not guard.probing:
-                                decided.set()
-                        results.put(result)
-                    await wait_for_caller()
-            finally:
-                decided.set()
 
         async def pump(batch: Batch) -> None:
             iterator = iter(batch.requests)
+            counted: set[str] = set()
             limit = early_stop_after
             if limit is None:
                 limit = self._early_stop.get(id(batch.provider), DEFAULT_EARLY_STOP_AFTER)
@@ -235,33 +229,24 @@ class ModelService:
                 return
             iterator = itertools.chain((first,), iterator)
             if limit <= 0:
-                await send(batch.provider, iterator)
+                await send(batch.provider, iterator, counted)
                 return
-            guard, decided = EarlyStop(limit), asyncio.Event()
+            guard = EarlyStop(limit)
             # Trust is per check too: answers that arrive are no sign that they parse.
             check = batch.check
             key = (id(batch.provider), first.model, getattr(check, "__qualname__", repr(check)))
-            if time.monotonic() - self._passed.get(key, -math.inf) < TRUST_S:
-                await send(batch.provider, iterator, guard, batch.check)
-            else:
-                probing = asyncio.create_task(probe(batch, iterator, guard, decided))
-                try:
-                    await decided.wait()
-                    if guard.stopped or probing.done():  # stopped, failed, or a small batch
-                        await probing
-                    else:  # passed: the rest at full speed while the probe's tail finishes
-                        await asyncio.gather(probing, send(batch.provider, iterator))
-                finally:
-                    if not probing.done():
-                        probing.cancel()
-            if guard.state == "passed":
-                self._passed[key] = time.monotonic()
-            elif guard.stopped:
+            trusted = time.monotonic() - self._passed.get(key, -math.inf) < TRUST_S
+            await send(batch.provider, iterator, counted, guard, check, hold_back=not trusted)
+            if guard.stopped:
                 self._passed.pop(key, None)
                 not_sent = _NotSent(batch.provider.identity, guard.failure())
-                await send(not_sent, iterator)
+                await send(not_sent, iterator, counted)
                 counts.sent -= not_sent.answered  # run_requests counted them as sent
                 results.put(_StopNotice(guard.reason(), not_sent.answered))
+                return
+            if guard.state == "passed":
+                self._passed[key] = time.monotonic()
+            await send(batch.provider, iterator, counted)  # the rest (if any) at full speed
 
         async def pump_all() -> None:
             try:
