@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib
 import io
 import json
 import math
@@ -19,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from vlpref.config import PublishStage
 from vlpref.errors import StoreError
 from vlpref.store import (
     TABLES,
+    DamagedVersion,
     Part,
     SharedFile,
     Store,
@@ -956,3 +958,210 @@ def test_a_lazy_publish_that_fails_leaves_no_version(
         store.publish(iter([*two_parts.items(), *two_parts.items()]), MANIFEST, "card")
     assert store.list_versions() == []
     assert not list((tmp_path / "store" / ".staging").rglob("*.parquet"))
+
+
+# --- damage, leftovers, a full disk ---------------------------------------------------------------
+
+
+def test_a_damaged_version_does_not_hide_the_others(
+    tmp_path: Path, parts: dict[str, pa.Table]
+) -> None:
+    """A marker that is garbage, an empty marker, and a missing manifest: the others still list,
+    and each damaged one names its file when it is opened."""
+    store = Store(str(tmp_path / "store"))
+    good, garbage, empty, no_manifest = (small_publish(store, parts) for _ in range(4))
+    (Path(garbage.location) / "_COMPLETE").write_text("{not json")
+    (Path(empty.location) / "_COMPLETE").write_text("")
+    (Path(no_manifest.location) / "manifest.json").unlink()
+
+    scanned = store.scan()
+    assert [e.version_id for e in scanned] == [
+        v.version_id for v in (good, garbage, empty, no_manifest)
+    ]
+    damaged = {e.version_id: e.reason for e in scanned if isinstance(e, DamagedVersion)}
+    assert set(damaged) == {garbage.version_id, empty.version_id}
+    assert "_COMPLETE" in damaged[garbage.version_id] and "not JSON" in damaged[garbage.version_id]
+    assert "(empty)" in damaged[empty.version_id]
+    assert store.list_versions() == [good, no_manifest]  # its marker is fine
+    with pytest.raises(StoreError, match=r"_COMPLETE: the marker is damaged"):
+        store.open(garbage.version_id)
+    with pytest.raises(StoreError, match=r"manifest\.json: the manifest is missing"):
+        _ = store.open(no_manifest.version_id).manifest
+    # LATEST names the newest, whose manifest is gone: it opens, its manifest is what fails.
+    assert store.latest() == no_manifest
+    small_publish(store, parts, parent=good.version_id)  # the store still takes new versions
+
+
+def test_a_damaged_part_or_latest_is_named(tmp_path: Path, parts: dict[str, pa.Table]) -> None:
+    store = Store(str(tmp_path / "store"))
+    version = store.open(small_publish(store, parts).version_id)
+    (Path(version.info.location) / "tables" / "pairs" / "b1.parquet").write_bytes(b"PAR1 torn")
+    with pytest.raises(StoreError, match=r"tables/pairs/b1\.parquet: not a readable Parquet"):
+        version.table("pairs")
+    (Path(store.root) / "LATEST").write_text("../../etc/passwd\n")
+    with pytest.raises(StoreError, match=r"LATEST: names '\.\./\.\./etc/passwd', which is not"):
+        store.latest()
+    small_publish(store, parts)  # a LATEST that names no version never blocks moving it
+    assert store.latest() == store.list_versions()[-1]
+
+
+def staging_names(root: Path) -> set[str]:
+    staging = root / ".staging"
+    return {p.name for p in staging.iterdir()} if staging.exists() else set()
+
+
+def test_staging_folders_of_writers_that_are_gone_are_removed(
+    tmp_path: Path, parts: dict[str, pa.Table]
+) -> None:
+    """Fabricated leftovers, judged by the writer their name carries (module docstring)."""
+    import socket
+
+    root = tmp_path / "store"
+    store = Store(str(root), stale_staging_s=3600)
+    here = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64]
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    old = "20000101T000000.000000Z"
+    now = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    leftovers = {
+        f"{now}_{int(dead.stdout)}_0a0a0a0a_{here}": "removed",  # dead pid of this host
+        f"{old}_{os.getpid()}_0b0b0b0b_{here}": "kept",  # this very process: in use, however old
+        f"{now}_1_0c0c0c0c_elsewhere.example": "kept",  # another host, young
+        f"{old}_1_0d0d0d0d_elsewhere.example": "removed",  # another host, older than the limit
+        f"{old}-0e0e0e0e": "removed",  # an older name without an owner, old
+        f"{now}-0f0f0f0f": "kept",  # the same, young
+    }
+    for name in leftovers:
+        (root / ".staging" / name / "tables").mkdir(parents=True)
+        (root / ".staging" / name / "tables" / "part.parquet").write_bytes(b"partial")
+    info = small_publish(store, parts)
+    assert staging_names(root) == {n for n, fate in leftovers.items() if fate == "kept"}
+    assert store.list_versions() == [info]
+
+
+KILLED_PUBLISHER = """
+import sys, time
+from tasks.publish import branch_parts
+from tests.tasks.test_publish import make_tables
+from vlpref.config import PublishStage
+from vlpref.store import Store
+
+def slowly():
+    for item in branch_parts("b1", make_tables(), PublishStage()).items():
+        yield item
+        print("part written", flush=True)
+        time.sleep(120)
+
+Store(sys.argv[1]).publish(slowly(), {"name": "killed"}, "card")
+"""
+
+
+def test_a_killed_publish_leaves_staging_that_the_next_publish_removes(
+    tmp_path: Path, parts: dict[str, pa.Table]
+) -> None:
+    """A real publisher, mid-write: a publish meanwhile leaves its folder alone (in use); once it
+    is killed (SIGKILL: no cleanup of its own), the next publish removes it."""
+    root = tmp_path / "store"
+    store = Store(str(root))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PUBLISHER, str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == "part written\n", (
+            writer.stderr.read() if writer.stderr else ""
+        )
+        (in_use,) = staging_names(root)
+        assert f"_{writer.pid}_" in in_use
+        first = small_publish(store, parts)
+        assert staging_names(root) == {in_use}  # a live writer's folder is never removed
+    finally:
+        writer.kill()
+        writer.wait()
+    second = small_publish(store, parts)
+    assert staging_names(root) == set()
+    assert store.list_versions() == [first, second]
+
+
+def test_an_empty_lock_is_stale_after_a_short_grace(
+    tmp_path: Path, parts: dict[str, pa.Table]
+) -> None:
+    """The writer of an empty lock died between creating and writing it: no live holder can be
+    behind it, so it is broken after EMPTY_LOCK_GRACE_S, not after stale_lock_s."""
+    root = tmp_path / "store"
+    root.mkdir()
+    lock = root / ".lock"
+    lock.touch()
+    store = Store(str(root), lock_timeout_s=0.3)
+    assert store_module.EMPTY_LOCK_GRACE_S == 10.0
+    with pytest.raises(StoreError, match="unknown holder"):  # fresh: it may be being written
+        small_publish(store, parts)
+    old = time.time() - store_module.EMPTY_LOCK_GRACE_S - 1
+    os.utime(lock, (old, old))
+    small_publish(store, parts)  # older than the grace: broken at once
+    assert not lock.exists()
+    # Where the file's time says nothing, the waiter's own watch decides.
+    lock.touch()
+    watcher = store_module.StoreLock(
+        store.fs, str(lock), purpose="t", timeout_s=5, stale_after_s=1800, empty_grace_s=0.3
+    )
+    started = time.monotonic()
+    with watcher:
+        assert json.loads(lock.read_text())["token"] == watcher.token
+    assert 0.3 <= time.monotonic() - started < 4
+
+
+@contextlib.contextmanager
+def tiny_disk(where: Path, size: str = "64k") -> Iterator[Path]:
+    """A real full disk: a tmpfs of `size` mounted at `where` (needs root; skips otherwise)."""
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_is_a_store_error_naming_the_file(
+    tmp_path: Path, parts: dict[str, pa.Table]
+) -> None:
+    with tiny_disk(tmp_path / "disk") as disk:
+        store = Store(str(disk / "store"))
+        with pytest.raises(StoreError) as caught:
+            small_publish(store, parts)
+        message = str(caught.value)
+        assert message.startswith(f"cannot write {disk}/store/.staging/") and message.endswith(
+            "No space left on device"
+        ), message
+        assert staging_names(disk / "store") == set()  # nothing left behind
+        assert store.list_versions() == []
+
+
+def test_a_write_error_without_a_file_is_named_where_it_happened(
+    tmp_path: Path, parts: dict[str, pa.Table], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a tmpfs: ENOSPC raised by the write itself, as a full disk raises it (no file)."""
+    import errno
+
+    def full(self: Any, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store_module._HashingWriter, "write", full)
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(StoreError, match=r"cannot write .*/\.staging/.*\.parquet: No space left"):
+        small_publish(store, parts)

@@ -4,7 +4,8 @@ Layout under the store location:
 
     LATEST                          the id of the newest published version (one line)
     .lock                           present while a publish commits (owner info, JSON)
-    .staging/<stamp>-<random>/      a version being written; never read
+    .staging/<stamp>_<pid>_<random>_<host>/
+                                    a version being written; never read
     versions/<version_id>/
         tables/<table>/<part>.parquet   images, questions, responses, judgments, pairs, rankings,
                                         failures; one part per taxonomy branch
@@ -31,6 +32,20 @@ atomic `os.rename`. On object stores, where a rename is a copy, the files are co
 marker, which stays invisible. A version folder that exists, complete or not, is never written
 again: publishing onto it is a StoreError.
 
+Damage: a version whose `_COMPLETE` or `manifest.json` cannot be read (not JSON, empty, missing)
+is *damaged*. `scan` lists it as a `DamagedVersion` with the reason (naming the file);
+`list_versions` and `latest` leave it out (with a warning) so that one damaged version never hides
+the others; `open` and reading it raise a StoreError naming the file. A Parquet part that does not
+read is a StoreError naming the part.
+
+Leftovers: a staging folder's name carries its writer (host name, pid), so a publish that was
+killed leaves a folder whose owner can be judged. Every publish first removes the staging folders
+of writers that are gone: a pid of this host that no longer runs, at once; a writer on another
+host (or a folder without an owner in its name), once the folder is older than `stale_staging_s`
+(24 h by default, measured from the time in its name). A folder of a live process on this host is
+never removed, however old. A host name is compared as the process sees it, so processes that
+share a host name must share a pid namespace (as for the lock below).
+
 Lock: committing (the existence check, the rename or copy, and moving LATEST) happens under
 `<store>/.lock`, created with an exclusive create (`O_EXCL` locally, a conditional put on object
 stores that support it). Writing the staged files takes no lock, so concurrent runs only queue
@@ -38,7 +53,10 @@ for the short commit. A publish that finds the lock held polls until `lock_timeo
 fails with a StoreError naming the holder (user, host, pid, since when, what for). A lock older
 than `stale_lock_s`, or held by a process of this host that no longer runs, is stale and removed
 (with a warning); on object stores the commit includes the copy, so `stale_lock_s` must exceed
-the longest copy. Exclusivity is as strong as the backend's exclusive create (fsspec mode "xb").
+the longest copy. An empty or unreadable lock file (its writer died between creating and writing
+it) names no holder that could still be alive: it is stale once `EMPTY_LOCK_GRACE_S` (10 s) have
+passed, by the file's time or by how long the waiter has watched it. Exclusivity is as strong as
+the backend's exclusive create (fsspec mode "xb").
 LATEST moves only after the version is complete, and never backwards: it is
 set to the new id unless it already names a newer one (two concurrent publishes finish in any
 order, LATEST ends at the newest).
@@ -59,7 +77,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -76,7 +94,10 @@ from vlpref.records import SCHEMAS
 
 __all__ = [
     "COMPLETE",
+    "EMPTY_LOCK_GRACE_S",
+    "STALE_STAGING_S",
     "TABLES",
+    "DamagedVersion",
     "Part",
     "SharedFile",
     "Store",
@@ -98,7 +119,17 @@ VERSIONS: Final = "versions"
 LAYOUT: Final = 2
 STORE_KEYS: Final = ("layout", "version_id", "created_at", "parent", "files", "splits")
 
+# An empty lock file is stale after this many seconds; a staging folder of a writer that cannot be
+# judged (another host, no owner in its name), after STALE_STAGING_S.
+EMPTY_LOCK_GRACE_S: Final = 10.0
+STALE_STAGING_S: Final = 24 * 3600.0
+
 _VERSION_ID = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}$")
+_STAMP = "%Y%m%dT%H%M%S.%fZ"
+# <stamp>_<pid>_<random>_<host>; the older <stamp>-<random> names carry no owner.
+_STAGING_NAME = re.compile(
+    r"^(?P<stamp>\d{8}T\d{6}\.\d{6}Z)(?:_(?P<pid>\d+)_[0-9a-f]+_(?P<host>[A-Za-z0-9.-]*)|-.*)$"
+)
 _PART = re.compile(r"^(tables|data)/([A-Za-z][A-Za-z0-9_]*)/([A-Za-z0-9][A-Za-z0-9._-]*)\.parquet$")
 EMPTY_PART: Final = "empty"  # the part written for a table that no branch has
 _SECRET_VALUE = re.compile(
@@ -144,6 +175,15 @@ class VersionInfo:
     version_id: str
     created_at: str
     parent: str | None
+    location: str
+
+
+@dataclass(frozen=True)
+class DamagedVersion:
+    """A version folder with a marker that cannot be used: why (naming the file) and where."""
+
+    version_id: str
+    reason: str
     location: str
 
 
@@ -225,17 +265,51 @@ def _row_group_rows(tbl: pa.Table) -> int | None:
     return int(max(1, min(100_000, _ROW_GROUP_BYTES // per_row)))
 
 
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """An error of the operating system while writing `path` (a full disk, no permission, a
+    read-only filesystem) as a StoreError naming it: the error of a full disk names no file.
+    Other OSErrors (an object store's network errors) pass as they are."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
 def _write_parquet(fs: AbstractFileSystem, path: str, tbl: pa.Table) -> dict[str, Any]:
-    with fs.open(path, "wb") as raw:
+    with _writing(path), fs.open(path, "wb") as raw:
         writer = _HashingWriter(raw)
         pq.write_table(tbl, writer, row_group_size=_row_group_rows(tbl))
     return writer.entry()
 
 
 def _write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> dict[str, Any]:
-    with fs.open(path, "wb") as raw:
+    with _writing(path), fs.open(path, "wb") as raw:
         raw.write(data)
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _read_json(fs: AbstractFileSystem, path: str, what: str, shown: str) -> dict[str, Any]:
+    """A JSON object file of a version; a StoreError naming the file (as `shown`) if it is missing
+    or damaged."""
+    try:
+        raw = fs.cat_file(path)
+    except FileNotFoundError:
+        raise StoreError(f"{shown}: {what} is missing") from None
+    return _parse_json(raw, shown, what)
+
+
+def _parse_json(raw: bytes, path: str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+        empty = "empty" if not raw.strip() else f"not JSON: {exc}"
+        raise StoreError(f"{path}: {what} is damaged ({empty})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: {what} is damaged (not a JSON object)")
+    return data
 
 
 def _conform(name: str, tbl: pa.Table) -> pa.Table:
@@ -303,7 +377,13 @@ def _user() -> str:
         return f"uid {os.getuid()}"
 
 
+def _host() -> str:
+    """This host's name as staging folder names carry it."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64]
+
+
 def _pid_gone(pid: Any) -> bool:
+    """True only when `pid` surely does not run on this host (False when unsure)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -327,6 +407,7 @@ class StoreLock:
         timeout_s: float,
         stale_after_s: float,
         poll_s: float = 0.1,
+        empty_grace_s: float = EMPTY_LOCK_GRACE_S,
     ) -> None:
         self.fs = fs
         self.path = path
@@ -334,7 +415,9 @@ class StoreLock:
         self.timeout_s = timeout_s
         self.stale_after_s = stale_after_s
         self.poll_s = poll_s
+        self.empty_grace_s = empty_grace_s
         self.token = secrets.token_hex(8)
+        self._empty_since: float | None = None  # when this waiter first saw the lock empty
 
     def _record(self) -> bytes:
         now = time.time()
@@ -368,6 +451,15 @@ class StoreLock:
 
     def _stale(self, holder: Mapping[str, Any] | None) -> bool:
         age = self._age_s(holder)
+        if holder is None:
+            # Empty or unreadable: its writer died between creating and writing it (a live one
+            # writes its record at once), so it names nobody who could still hold it. Judged by
+            # the file's time, or by how long we have watched it where the backend has no times.
+            now = time.monotonic()
+            if self._empty_since is None:
+                self._empty_since = now
+            return max(age or 0.0, now - self._empty_since) > self.empty_grace_s
+        self._empty_since = None
         if age is not None and age > self.stale_after_s:
             return True
         # A lock left by a killed process on this very host need not wait for the timeout.
@@ -436,8 +528,12 @@ class Version:
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.store.fs.cat_file(join(self._dir, "manifest.json")))
-        return data
+        """The version's manifest; a StoreError naming manifest.json if it is missing or damaged."""
+        rel = "manifest.json"
+        manifest = _read_json(self.store.fs, join(self._dir, rel), "the manifest", self.path(rel))
+        if not isinstance(manifest.get("files"), dict):
+            raise StoreError(f"{self.path('manifest.json')}: the manifest is damaged (no files)")
+        return manifest
 
     @property
     def splits(self) -> list[str]:
@@ -455,8 +551,16 @@ class Version:
     def _read(self, folder: str, columns: list[str] | None = None) -> pa.Table:
         tables = []
         for rel in self.parts(folder):
-            with self.store.fs.open(join(self._dir, rel), "rb") as f:
-                tables.append(pq.read_table(f, columns=columns))
+            try:
+                with self.store.fs.open(join(self._dir, rel), "rb") as f:
+                    tables.append(pq.read_table(f, columns=columns))
+            except FileNotFoundError:
+                raise StoreError(f"{self.path(rel)}: a part of the version is missing") from None
+            except (pa.ArrowException, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno is not None:
+                    raise  # the system's error (no permission...): it names the file itself
+                # pyarrow reports some damage (bad metadata) as an OSError without an errno
+                raise StoreError(f"{self.path(rel)}: not a readable Parquet file ({exc})") from None
         return pa.concat_tables(tables)
 
     def table(self, name: str, columns: list[str] | None = None) -> pa.Table:
@@ -472,7 +576,7 @@ class Version:
     def verify(self) -> None:
         """Check every file against the manifest, and the manifest against the marker."""
         fs = self.store.fs
-        marker = json.loads(fs.cat_file(join(self._dir, COMPLETE)))
+        marker = _read_json(fs, join(self._dir, COMPLETE), "the marker", self.path(COMPLETE))
         raw = fs.cat_file(join(self._dir, "manifest.json"))
         if hashlib.sha256(raw).hexdigest() != marker.get("manifest_sha256"):
             raise StoreError(f"version {self.version_id}: manifest.json does not match its marker")
@@ -493,12 +597,18 @@ class Store:
     """Dataset versions under one location (a path or an fsspec URI)."""
 
     def __init__(
-        self, location: str, *, lock_timeout_s: float = 60.0, stale_lock_s: float = 1800.0
+        self,
+        location: str,
+        *,
+        lock_timeout_s: float = 60.0,
+        stale_lock_s: float = 1800.0,
+        stale_staging_s: float = STALE_STAGING_S,
     ) -> None:
         self.location = location
         self.fs, self.root = resolve(location)
         self.lock_timeout_s = lock_timeout_s
         self.stale_lock_s = stale_lock_s
+        self.stale_staging_s = stale_staging_s
 
     def __repr__(self) -> str:
         return f"Store({self.location!r})"
@@ -514,10 +624,13 @@ class Store:
     # reading
 
     def _info(self, version_id: str) -> VersionInfo | None:
+        """The version's info; None if it has no marker; a StoreError naming a damaged marker."""
+        path = join(self._version_dir(version_id), COMPLETE)
         try:
-            marker = json.loads(self.fs.cat_file(join(self._version_dir(version_id), COMPLETE)))
+            raw = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
+        marker = _parse_json(raw, self._location(path), "the marker")
         return VersionInfo(
             version_id=version_id,
             created_at=str(marker.get("created_at")),
@@ -525,15 +638,38 @@ class Store:
             location=self._location(self._version_dir(version_id)),
         )
 
-    def list_versions(self) -> list[VersionInfo]:
-        """Complete versions, oldest first; folders without a `_COMPLETE` marker do not count."""
-        infos = []
+    def scan(self) -> list[VersionInfo | DamagedVersion]:
+        """Every version folder with a marker, oldest first: complete versions, and damaged ones
+        (a marker that does not read) with the reason. Folders without a marker do not count."""
+        found: list[VersionInfo | DamagedVersion] = []
         for marker in self.fs.glob(join(self.root, VERSIONS, "*", COMPLETE)):
             version_id = posixpath.basename(posixpath.dirname(marker))
-            info = self._info(version_id) if _VERSION_ID.match(version_id) else None
+            if not _VERSION_ID.match(version_id):
+                continue
+            location = self._location(self._version_dir(version_id))
+            try:
+                info = self._info(version_id)
+            except StoreError as exc:
+                found.append(DamagedVersion(version_id, str(exc), location))
+                continue
+            except OSError as exc:  # unreadable (no permission...): the others still list
+                reason = f"{self._location(marker)}: {exc.strerror or exc}"
+                found.append(DamagedVersion(version_id, reason, location))
+                continue
             if info is not None:
-                infos.append(info)
-        return sorted(infos, key=lambda info: info.version_id)
+                found.append(info)
+        return sorted(found, key=lambda entry: entry.version_id)
+
+    def list_versions(self) -> list[VersionInfo]:
+        """Complete versions, oldest first; folders without a `_COMPLETE` marker do not count, and
+        damaged ones (see `scan`) are left out with a warning."""
+        infos = []
+        for entry in self.scan():
+            if isinstance(entry, DamagedVersion):
+                log.warning("skipping damaged version %s: %s", entry.version_id, entry.reason)
+            else:
+                infos.append(entry)
+        return infos
 
     def _read_latest(self) -> str | None:
         try:
@@ -548,9 +684,12 @@ class Store:
         if version_id is None:
             versions = self.list_versions()
             return versions[-1] if versions else None
+        where = self._location(join(self.root, LATEST))
+        if not _VERSION_ID.match(version_id):
+            raise StoreError(f"{where}: names {version_id[:40]!r}, which is not a version id")
         info = self._info(version_id)
         if info is None:
-            raise StoreError(f"LATEST names {version_id!r}, which is not a complete version")
+            raise StoreError(f"{where}: names {version_id!r}, which is not a complete version")
         return info
 
     def open(self, version_id: str) -> Version:
@@ -600,9 +739,11 @@ class Store:
             self._check_manifest(manifest)  # before any writing; a factory's after it
         if parent is not None and self._info(parent) is None:
             raise StoreError(f"parent {parent!r} is not a complete version of {self.location}")
+        self.clean_staging()
         now = datetime.now(UTC)
-        stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
-        staging = join(self.root, STAGING, f"{stamp}-{secrets.token_hex(4)}")
+        stamp = now.strftime(_STAMP)
+        owner = f"{os.getpid()}_{secrets.token_hex(4)}_{_host()}"
+        staging = join(self.root, STAGING, f"{stamp}_{owner}")
         try:
             items = parts.items() if isinstance(parts, Mapping) else parts
             files = self._write_data(staging, items)
@@ -626,12 +767,61 @@ class Store:
             with self.lock(f"publish {version_id}"):
                 self._commit(staging, version_id, marker)
                 self._move_latest(version_id)
-        except BaseException:
+        except BaseException as exc:
             self._discard(staging)
+            if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+                raise StoreError(f"publishing to {self.location}: {exc.strerror or exc}") from exc
             raise
         info = self._info(version_id)
         assert info is not None
         return info
+
+    def clean_staging(self) -> list[str]:
+        """Remove the staging folders of writers that are gone (module docstring, "Leftovers");
+        returns their names. Never fails: what cannot be listed or removed is left with a
+        warning (staging folders are invisible to readers)."""
+        folder = join(self.root, STAGING)
+        try:
+            names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            log.warning("could not list %s: %s", folder, exc)
+            return []
+        removed = []
+        for name in sorted(names):
+            try:
+                reason = self._staging_leftover(join(folder, name), name)
+            except Exception as exc:  # a name that only looks like ours (a date that is none)
+                log.warning("leaving staging folder %s: %s", name, exc)
+                continue
+            if reason is None:
+                continue
+            log.warning("removing staging folder %s (%s)", name, reason)
+            self._discard(join(folder, name))
+            removed.append(name)
+        return removed
+
+    def _staging_leftover(self, path: str, name: str) -> str | None:
+        """Why the staging folder `name` is a leftover to remove, or None to keep it."""
+        match = _STAGING_NAME.match(name)
+        pid = int(match["pid"]) if match and match["pid"] is not None else None
+        host = match["host"] if match else None
+        if pid is not None and host == _host():
+            if _pid_gone(pid):
+                return f"its writer, pid {pid} of this host, is gone"
+            return None  # a live process of this host: in use (or a reused pid), however old
+        age: float | None = None
+        if match:  # the time in the name: object stores have no folder times
+            started = datetime.strptime(match["stamp"], _STAMP).replace(tzinfo=UTC)
+            age = time.time() - started.timestamp()
+        else:
+            with contextlib.suppress(NotImplementedError, OSError):
+                age = time.time() - float(self.fs.modified(path).timestamp())
+        if age is None or age <= self.stale_staging_s:
+            return None
+        writer = f"on host {host}" if host is not None else "unknown"
+        return f"older than {self.stale_staging_s:g} s, its writer {writer}"
 
     def _check_manifest(self, manifest: Mapping[str, Any]) -> None:
         secret = find_secret(manifest)
@@ -696,7 +886,8 @@ class Store:
             except OSError:  # another device, or links not allowed: fall back to a copy
                 linked = False
         if not linked:
-            self.fs.copy(source, target)
+            with _writing(target):
+                self.fs.copy(source, target)
         return {
             "size": entry["size"],
             "sha256": entry["sha256"],
@@ -754,7 +945,7 @@ class Store:
 
     def _move_latest(self, version_id: str) -> None:
         current = self._read_latest()
-        if current is not None and current > version_id:
+        if current is not None and _VERSION_ID.match(current) and current > version_id:
             return  # a concurrent publish that started later already committed
         path = join(self.root, LATEST)
         data = f"{version_id}\n".encode()

@@ -28,12 +28,25 @@ def summary_row(manifest: Mapping[str, Any]) -> dict[str, Any]:
     for branch in branches.values():
         statuses[branch.get("status", "built")] = statuses.get(branch.get("status", "built"), 0) + 1
     return {
-        "version": manifest["version_id"],
+        "version": manifest.get("version_id", ""),
         "created": manifest.get("created_at", ""),
         "parent": manifest.get("parent") or "",
         "branches": ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())),
         "pairs": sum(s.get("rows", 0) for s in manifest.get("splits", {}).values()),
         "models": len(manifest.get("models", [])),
+    }
+
+
+def damaged_row(version_id: str) -> dict[str, Any]:
+    """The line of `versions list` for a version that cannot be read: the same columns, marked
+    damaged (the command prints why in a warning that names the file)."""
+    return {
+        "version": version_id,
+        "created": "",
+        "parent": "",
+        "branches": "DAMAGED",
+        "pairs": "",
+        "models": "",
     }
 
 
