@@ -4,7 +4,9 @@ Two rounds of requests to the generator: captions for every image of the branch,
 questions (easy question, hard question, hard statement) from image + caption + class path. An
 answer that does not parse as the expected JSON is asked again with another seed, up to
 `max_attempts`; after that its question slots are failures with the reason. Nothing is filled
-with a placeholder.
+with a placeholder. A failure records the attempts made for its image in the round that failed
+(caption or questions): the provider's HTTP attempts summed over the re-asks, an answer from the
+journal counting one and a request early stop did not send counting none.
 
 Accounting unit: question slots (images x configured types). in = out + failed.
 """
@@ -36,6 +38,22 @@ _JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 
 class UnparseableQuestions(ValueError):
     pass
+
+
+REASON_CHARS = 200  # a failure reason is one line of at most this many characters
+
+
+def _brief(text: str) -> str:
+    """The first line of `text`, cut to REASON_CHARS: reasons are read in tables, one per row."""
+    lines = text.strip().splitlines()
+    line = lines[0] if lines else ""
+    return line if len(line) <= REASON_CHARS else line[: REASON_CHARS - 3].rstrip() + "..."
+
+
+def _tries(result: ChatResult) -> int:
+    """The attempts a result stands for: its HTTP attempts; 1 for a journal hit (asked once,
+    earlier); 0 for a request that was not sent."""
+    return result.attempts or (1 if result.cached else 0)
 
 
 def parse_questions(text: str, types: tuple[str, ...]) -> dict[str, str]:
@@ -91,6 +109,7 @@ def generate_questions(
     stats = BatchStats()
     stopped: set[str] = set()  # images whose request early stop did not send (vlpref/earlystop)
     captions: dict[str, _Caption] = {r["image_id"]: _Caption() for r in rows}
+    caption_tries: dict[str, int] = {}
     pending = {r["image_id"]: r for r in rows}
     for attempt in range(stage.max_attempts):
         if not pending:
@@ -113,6 +132,7 @@ def generate_questions(
         for result in service.run([(provider, requests)], journal, stats):
             image_id = result.request.id
             caption = captions[image_id]
+            caption_tries[image_id] = caption_tries.get(image_id, 0) + _tries(result)
             text = result.samples[0].text.strip() if result.ok and result.samples else ""
             if result.ok and text:
                 caption.text, caption.failure = text, None
@@ -121,7 +141,7 @@ def generate_questions(
                 assert result.failure is not None
                 if result.failure.kind == "stopped":
                     stopped.add(image_id)
-                caption.failure = (
+                caption.failure = _brief(
                     f"caption request failed ({result.failure.kind}): {result.failure.message}"
                 )
                 pending.pop(image_id)  # the provider already retried transport errors
@@ -154,12 +174,12 @@ def generate_questions(
         check = None if attempt else _questions_check(stage.types)
         for result in service.run([Batch(provider, requests, check)], journal, stats):
             image_id = result.request.id
-            attempts_used[image_id] = attempt + 1
+            attempts_used[image_id] = attempts_used.get(image_id, 0) + _tries(result)
             if not result.ok:
                 assert result.failure is not None
                 if result.failure.kind == "stopped":
                     stopped.add(image_id)
-                last_error[image_id] = (
+                last_error[image_id] = _brief(
                     f"questions request failed ({result.failure.kind}): {result.failure.message}"
                 )
                 pending.pop(image_id)
@@ -168,7 +188,7 @@ def generate_questions(
                 questions[image_id] = parse_questions(result.samples[0].text, stage.types)
                 pending.pop(image_id)
             except UnparseableQuestions as exc:
-                last_error[image_id] = f"unparseable questions: {exc}"
+                last_error[image_id] = _brief(f"unparseable questions: {exc}")
 
     out_rows: list[dict[str, Any]] = []
     for row in rows:
@@ -190,11 +210,10 @@ def generate_questions(
             if caption.text is None
             else ("unparseable" if reason and reason.startswith("unparseable") else "request")
         )
+        tries = caption_tries if caption.text is None else attempts_used
         for qtype in stage.types:
             failures.append(
-                FailureRow(
-                    f"{image_id}:{qtype}", kind, reason or "unknown", attempts_used.get(image_id, 0)
-                )
+                FailureRow(f"{image_id}:{qtype}", kind, reason or "unknown", tries.get(image_id, 0))
             )
 
     return StageOutput(

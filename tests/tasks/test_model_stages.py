@@ -120,6 +120,22 @@ def test_unparseable_questions_are_retried_then_failed_not_filled(
     assert sum(sim.counters()["by_model"]["sim-bad-generator"].values()) - before == 2 + 2 * 3
 
 
+def test_caption_failures_record_the_attempts_made(
+    sim: SimServer, tmp_path: Path, leaf: Subcategory, images: pa.Table
+) -> None:
+    """A generator that always answers 500: every caption fails after the endpoint's retries, and
+    each slot's failure says how many requests that took (it used to say 0)."""
+    cfg = config(sim, tmp_path, generator={"name": "gen", "endpoint": "sim", "model": "sim-broken"})
+    out = generate_questions(leaf, images, cfg, None)
+    assert (out.n_in, out.n_out, out.n_failed) == (6, 0, 6)
+    assert {f.kind for f in out.failures} == {"caption"}
+    # endpoint max_attempts is 2: two HTTP attempts per image, none re-asked after a failure
+    assert all(f.attempts == 2 for f in out.failures), [f.attempts for f in out.failures]
+    reason = out.failures[0].reason
+    assert reason.startswith("caption request failed (server_error)") and "500" in reason
+    assert "\n" not in reason and len(reason) <= 200
+
+
 def test_responses_failures_are_counted_with_reasons(
     sim: SimServer, tmp_path: Path, leaf: Subcategory, images: pa.Table
 ) -> None:
