@@ -6,12 +6,16 @@
     │   └── JudgeParseError  a judge's output does not follow the verdict protocol
     ├── JournalError         the request journal cannot be read or written
     ├── StoreError           the store refuses an operation (a version exists, a lock is held)
+    │                        or holds a damaged file (the message names it)
+    ├── BuildError           branches of a build failed (each branch with its first cause)
     └── ProviderError        a model provider cannot be built or used at all
         └── ProviderNotFound no built-in or plug-in provider has the requested kind
 
 Request-level failures (a 429 that outlived its retries, a timeout, a malformed body) are *not*
 exceptions: the model seam returns them as `Failure` values inside the batch result, so one bad
 request never takes a batch down with it.
+
+The command line prints any of these as one `error: ...` line and exits with code 2.
 """
 
 from __future__ import annotations
@@ -57,6 +61,37 @@ class JournalError(VlprefError):
 
 class StoreError(VlprefError):
     """The dataset store refuses an operation."""
+
+
+class BuildError(VlprefError):
+    """Branches of a build failed: the flow ran the others, then published nothing.
+
+    `failures` holds one `"<branch>: <cause>"` per failed branch. The message names every branch;
+    the first `SHOWN` with the first line of their cause, cut to `CAUSE_CHARS` characters (the
+    full causes are in the Prefect task logs and the run summary). It also names the workspace the
+    branches work in: a cause such as a full disk names no file.
+    """
+
+    CAUSE_CHARS = 300
+    SHOWN = 8
+
+    def __init__(self, failures: list[str], *, workspace: str | None = None) -> None:
+        self.failures = list(failures)
+        self.workspace = workspace
+        shown = []
+        for failure in self.failures[: self.SHOWN]:
+            lines = failure.strip().splitlines()
+            first = lines[0] if lines else "unknown cause"
+            if len(first) > self.CAUSE_CHARS:
+                first = first[: self.CAUSE_CHARS - 3].rstrip() + "..."
+            shown.append(first)
+        rest = [failure.split(":", 1)[0] for failure in self.failures[self.SHOWN :]]
+        if rest:
+            shown.append(f"and {len(rest)} more: {', '.join(rest)}")
+        where = f" (workspace {workspace})" if workspace else ""
+        super().__init__(
+            f"{len(self.failures)} branch(es) failed{where}, nothing published: " + "; ".join(shown)
+        )
 
 
 class ProviderError(VlprefError):
