@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.test_config import GOOD
 
@@ -152,3 +156,175 @@ def test_run_builds_a_version_with_progress(tmp_path: Path, prefect_server: str)
     (version,) = Store(str(tmp_path / "store")).list_versions()
     manifest = Store(str(tmp_path / "store")).open(version.version_id).manifest
     assert {b["path"].split("/")[0] for b in manifest["branches"].values()} == {"Malicious Use"}
+
+
+# --- one `error:` line for every expected failure -------------------------------------------------
+
+
+def error_line(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    """The failure's last stderr line, after checking it is the only `error:` line, that the exit
+    code is `code` and that no traceback was printed."""
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), proc.stderr[-3000:]
+    assert sum(line.startswith("error:") for line in lines) == 1, proc.stderr[-3000:]
+    return lines[-1]
+
+
+def test_versions_list_lists_around_damaged_versions(tmp_path: Path) -> None:
+    """A garbage `_COMPLETE` and a missing manifest (in LATEST's version): `list` still lists every
+    version, marks the two DAMAGED with a warning naming the file, and succeeds; `show` of either
+    is one error line naming the file."""
+    from tasks.publish import branch_parts, dataset_card
+    from tests.tasks.test_publish import make_tables
+    from vlpref.config import PublishStage
+    from vlpref.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    parts = branch_parts("b1", make_tables(), PublishStage())
+    good, garbage, last = (store.publish(parts, {"name": "x"}, dataset_card) for _ in range(3))
+    (Path(garbage.location) / "_COMPLETE").write_text("\x00\x01 torn")
+    (Path(last.location) / "manifest.json").unlink()
+
+    listed = subprocess.run(
+        [*VLPREF, "versions", "list", "--store", store.location],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "250"},  # whole ids in the table
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "Traceback" not in listed.stderr
+    for info in (good, garbage, last):
+        assert info.version_id in listed.stdout
+    assert listed.stdout.count("DAMAGED") == 2
+    warnings = [line for line in listed.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, listed.stderr
+    assert f"{garbage.version_id}/_COMPLETE: the marker is damaged" in warnings[0]
+    assert f"{last.version_id}/manifest.json: the manifest is missing" in warnings[1]
+
+    shown = run("versions", "show", garbage.version_id, "--store", store.location)
+    assert f"{garbage.version_id}/_COMPLETE" in error_line(shown)
+    latest = run("versions", "show", "latest", "--store", store.location)
+    assert "manifest.json: the manifest is missing" in error_line(latest)
+
+
+def sim_config(tmp_path: Path, base_url: str, *, per_branch: int = 1, **extra: Any) -> Path:
+    """A run config on the sim (two response models), written to tmp_path/run.yaml."""
+    import yaml
+
+    from vlpref.sim.testing import sim_run_config
+
+    repo = Path(__file__).resolve().parents[1]
+    config = sim_run_config(
+        base_url,
+        taxonomy=str(repo / "taxonomy" / "demo.yaml"),
+        workspace=str(tmp_path / "ws"),
+        store=str(tmp_path / "store"),
+        models=["refuser", "jailbroken"],
+        per_branch=per_branch,
+        **extra,
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+SIM_MODELS = {
+    "models": {
+        "sim-refuser": {"persona": "refuser"},
+        "sim-jailbroken": {"persona": "jailbroken"},
+        "sim-judge": {"persona": "judge"},
+    }
+}
+
+
+def test_a_failed_branch_is_one_error_line(tmp_path: Path, prefect_server: str) -> None:
+    """The flow's branch failure reaches the command line as a BuildError: the branch, its first
+    cause, the workspace; the other branch was built, nothing was published."""
+    from vlpref.sim.testing import SimServer
+
+    missing = "Malicious Use/Security threats/malware"
+    with SimServer(SIM_MODELS) as sim:
+        path = sim_config(
+            tmp_path,
+            sim.base_url,
+            stages={
+                "images": {
+                    "source": {"kind": "typographic", "per_branch": 1},
+                    "overrides": {missing: {"kind": "folder", "path": "no-such-folder"}},
+                }
+            },
+        )
+        proc = subprocess.run(
+            [*VLPREF, "run", str(path), "--only", "Malicious Use"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    line = error_line(proc)
+    assert line.startswith(f"error: 1 branch(es) failed (workspace {tmp_path / 'ws'})"), line
+    assert "malicious-use-security-threats-malware-581815fd: ConfigError:" in line, line
+    assert "no-such-folder" in line and len(line) < 400
+    assert not (tmp_path / "store" / "versions").exists()
+
+
+def test_a_full_disk_under_the_store_is_one_error_line(tmp_path: Path, prefect_server: str) -> None:
+    """ENOSPC for real: the store on a 64 KiB tmpfs (skipped where mounting is not allowed)."""
+    from tests.test_store import tiny_disk
+    from vlpref.sim.testing import SimServer
+
+    with tiny_disk(tmp_path / "store"), SimServer(SIM_MODELS) as sim:
+        path = sim_config(tmp_path, sim.base_url)
+        proc = subprocess.run(
+            [*VLPREF, "run", str(path), "--only", "Malicious Use/Security threats/cyber"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        line = error_line(proc)
+        assert line.startswith(f"error: cannot write {tmp_path / 'store'}/.staging/"), line
+        assert line.endswith(": No space left on device"), line
+        assert not list((tmp_path / "store" / ".staging").iterdir())
+
+
+def test_a_full_disk_under_the_workspace_is_one_error_line(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    """ENOSPC with no file in it (the journal's append): the error names the workspace."""
+    from tests.test_store import tiny_disk
+    from vlpref.sim.testing import SimServer
+
+    with tiny_disk(tmp_path / "ws"), SimServer(SIM_MODELS) as sim:
+        path = sim_config(tmp_path, sim.base_url)
+        proc = subprocess.run(
+            [*VLPREF, "run", str(path), "--only", "Malicious Use/Security threats/cyber"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    line = error_line(proc)
+    assert line.startswith(f"error: 1 branch(es) failed (workspace {tmp_path / 'ws'})"), line
+    assert line.endswith("No space left on device"), line
+
+
+def test_an_os_error_without_a_file_is_still_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In process: an ENOSPC that names no file (as a full disk raises it) from any command."""
+    import errno
+
+    from vlpref import cli
+
+    def full() -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cli, "app", full)
+    monkeypatch.setattr(sys, "argv", ["vlpref", "versions", "list", "-s", "store"])
+    with pytest.raises(SystemExit) as caught:
+        cli.main()
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: vlpref versions: No space left on device (ENOSPC)"
+    )
