@@ -120,7 +120,9 @@ def _entry(config: RunConfig, m: ModelEntry) -> dict[str, Any]:
 def publish_key(config: RunConfig, refs: dict[str, StageRef]) -> str:
     """What a branch's published files depend on: its pairs output (which hashes everything
     upstream) and the split settings."""
-    return stage_key("publish", refs["pairs"].key, config.stages.publish.model_dump(mode="json"))
+    return stage_key(
+        "publish", refs["pairs"].output_id, config.stages.publish.model_dump(mode="json")
+    )
 
 
 def _shared_parts(parent: Version, branch_id: str) -> dict[str, Part]:
@@ -157,7 +159,13 @@ def publish_version(
                 "path": leaf.path,
                 "publish_key": key,
                 "stages": {
-                    stage: {"key": ref.key, "reused": ref.reused, "counts": ref.counts}
+                    stage: {
+                        "key": ref.key,
+                        "output_id": ref.output_id,
+                        "generation": ref.generation,
+                        "reused": ref.reused,
+                        "counts": ref.counts,
+                    }
                     for stage, ref in branch_refs.items()
                 },
             }

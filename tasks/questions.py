@@ -107,7 +107,10 @@ def generate_questions(
         params = replace(params, n=1)  # one caption / one question set per image
 
     stats = BatchStats()
-    stopped: set[str] = set()  # images whose request early stop did not send (vlpref/earlystop)
+    # image -> the kind of its last failed request (a `Failure.kind`, `stopped` for one early
+    # stop did not send): a slot's failure kind, so the rerun policy (vlpref/retry.py) knows
+    # whether asking again can heal it. Unparseable answers and empty captions are `unparseable`.
+    request_failed: dict[str, str] = {}
     captions: dict[str, _Caption] = {r["image_id"]: _Caption() for r in rows}
     caption_tries: dict[str, int] = {}
     pending = {r["image_id"]: r for r in rows}
@@ -139,8 +142,7 @@ def generate_questions(
                 pending.pop(image_id)
             elif not result.ok:
                 assert result.failure is not None
-                if result.failure.kind == "stopped":
-                    stopped.add(image_id)
+                request_failed[image_id] = result.failure.kind
                 caption.failure = _brief(
                     f"caption request failed ({result.failure.kind}): {result.failure.message}"
                 )
@@ -177,13 +179,13 @@ def generate_questions(
             attempts_used[image_id] = attempts_used.get(image_id, 0) + _tries(result)
             if not result.ok:
                 assert result.failure is not None
-                if result.failure.kind == "stopped":
-                    stopped.add(image_id)
+                request_failed[image_id] = result.failure.kind
                 last_error[image_id] = _brief(
                     f"questions request failed ({result.failure.kind}): {result.failure.message}"
                 )
                 pending.pop(image_id)
                 continue
+            request_failed.pop(image_id, None)
             try:
                 questions[image_id] = parse_questions(result.samples[0].text, stage.types)
                 pending.pop(image_id)
@@ -203,13 +205,7 @@ def generate_questions(
                 )
             continue
         reason = caption.failure if caption.text is None else last_error.get(image_id, "no answer")
-        kind = (
-            "stopped"  # not sent: a rerun asks again (a transient kind, vlpref/retry.py)
-            if image_id in stopped
-            else "caption"
-            if caption.text is None
-            else ("unparseable" if reason and reason.startswith("unparseable") else "request")
-        )
+        kind = request_failed.get(image_id, "unparseable")
         tries = caption_tries if caption.text is None else attempts_used
         for qtype in stage.types:
             failures.append(

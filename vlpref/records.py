@@ -141,6 +141,12 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
+def schema_fingerprint(*schemas: pa.Schema) -> list[list[tuple[str, str, bool]]]:
+    """The columns of table schemas as plain values, for stage keys: an output written with other
+    columns (an older vlpref) is computed again rather than published beside new ones."""
+    return [[(f.name, str(f.type), f.nullable) for f in schema] for schema in schemas]
+
+
 def stable_id(*parts: object, length: int = 24) -> str:
     """A short deterministic id from its parts (same parts, same id, across runs and machines)."""
     text = "\x1f".join(str(p) for p in parts)

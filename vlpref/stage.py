@@ -48,6 +48,9 @@ class StageOutput:
     def n_failed(self) -> int:
         return len(self.failures)
 
+    def failed_items(self) -> list[str]:
+        return [f.item_id for f in self.failures]
+
     def failures_table(self) -> pa.Table:
         return table(
             (

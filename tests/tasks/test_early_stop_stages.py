@@ -159,7 +159,7 @@ def test_questions_with_a_wrong_key(
     out = generate_questions(leaf, images, cfg, None, service)
     assert (out.n_in, out.n_out, out.n_failed) == (60, 0, 60)
     assert arrivals(sim, "sim-judge") == {"401": N}  # the captions' probe, nothing more
-    assert failure_kinds(out) == {"caption": 3 * N, "stopped": 3 * (20 - N)}
+    assert failure_kinds(out) == {"auth": 3 * N, "stopped": 3 * (20 - N)}
     assert all(
         "all failed: auth 401: Incorrect API key provided" in f.reason
         for f in out.failures

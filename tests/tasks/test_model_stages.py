@@ -128,7 +128,7 @@ def test_caption_failures_record_the_attempts_made(
     cfg = config(sim, tmp_path, generator={"name": "gen", "endpoint": "sim", "model": "sim-broken"})
     out = generate_questions(leaf, images, cfg, None)
     assert (out.n_in, out.n_out, out.n_failed) == (6, 0, 6)
-    assert {f.kind for f in out.failures} == {"caption"}
+    assert {f.kind for f in out.failures} == {"server_error"}  # what failed, for the rerun policy
     # endpoint max_attempts is 2: two HTTP attempts per image, none re-asked after a failure
     assert all(f.attempts == 2 for f in out.failures), [f.attempts for f in out.failures]
     reason = out.failures[0].reason
