@@ -24,7 +24,7 @@ from vlpref.selection import safety_groups, safety_rates, score_weights, select_
 from vlpref.stage import FailureRow, StageOutput
 
 JUDGMENT_COLUMNS = ("kind", "judge", "response_id", "other_response_id", "aspect", "score")
-RESPONSE_COLUMNS = ("response_id", "question_id", "model", "sample_idx", "finish_reason")
+RESPONSE_COLUMNS = ("response_id", "question_id", "model", "sample_idx", "finish_reason", "text")
 
 
 def comparisons(judgments: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], OrderedComparison]:
@@ -101,6 +101,12 @@ def select_branch_pairs(
         n_out=with_pairs,
         rows=table(pair_rows, PAIRS),
         failures=tuple(failures),
-        extra={"pairs": len(pair_rows), "policy": pairs_config.policy, "groups": groups},
+        extra={
+            "pairs": len(pair_rows),
+            "policy": pairs_config.policy,
+            "groups": groups,
+            # Responses with no text to train on (empty or whitespace): never paired or ranked.
+            "unusable_responses": sum(not c.usable for cs in candidates.values() for c in cs),
+        },
     )
     return output, table(ranking_rows, RANKINGS)

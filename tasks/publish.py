@@ -225,6 +225,19 @@ def _image_column(images: pa.Table, rows: pa.Array, names: pa.ChunkedArray) -> p
     return pa.chunked_array(chunks, IMAGE_TYPE)
 
 
+def _check_trainable(plan: pa.Table) -> None:
+    """Every published pair has a non-empty question, chosen and rejected, and chosen differs
+    from rejected (TRL's DPO check rejects a file with one such row). Pair selection never makes
+    one (`vlpref.selection`); this is the last line of defence, so it fails loudly."""
+    for question, chosen, rejected, pair_id in zip(
+        *(plan[c].to_pylist() for c in ("question", "chosen", "rejected", "pair_id")), strict=True
+    ):
+        if not (question or "").strip() or not (chosen or "").strip():
+            raise DataError(f"pair {pair_id!r}: empty question or chosen response")
+        if not (rejected or "").strip() or chosen.split() == rejected.split():
+            raise DataError(f"pair {pair_id!r}: empty rejected response, or the same as chosen")
+
+
 def build_quadruples(
     images: pa.Table,
     questions: pa.Table,
@@ -251,6 +264,7 @@ def build_quadruples(
     ):
         _check_columns(tbl, schema, what)
     plan = _plan(images, questions, responses, pairs, rankings)
+    _check_trainable(plan)
     row_splits: list[str] = []
     for image_id, pair_id in zip(
         plan["image_id"].to_pylist(), plan["pair_id"].to_pylist(), strict=True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ from vlpref.records import PAIRS, RANKINGS, table
 from vlpref.selection import (
     ALL_TIED,
     BELOW_MIN_MARGIN,
+    IDENTICAL,
     MISSING_JUDGMENTS,
     MISSING_PAIRWISE,
     NO_CROSS_GROUP,
@@ -25,6 +27,7 @@ from vlpref.selection import (
     NO_ELIGIBLE_CHOSEN,
     NO_PAIR_REASONS,
     NO_RESPONSES,
+    NO_USABLE,
     ONE_RESPONSE,
     PAIRWISE_CONTRADICTS,
     PAIRWISE_INCONSISTENT,
@@ -37,6 +40,7 @@ from vlpref.selection import (
     safety_rates,
     score_weights,
     select_pairs,
+    text_key,
 )
 
 Q = "q1"
@@ -581,3 +585,63 @@ def test_rating_policies_choose_the_higher_overall(
         assert 0.0 <= pair.confidence <= 1.0
     if policy == "max-margin":
         assert len(sel.pairs) <= 1
+
+
+# ----------------------------------------------------------------------------- usable answers
+
+
+def with_text(c: Candidate, text: str) -> Candidate:
+    return dataclasses.replace(c, text_key=text_key(text))
+
+
+def test_text_key_ignores_whitespace_and_marks_empty_answers() -> None:
+    assert text_key("") is None and text_key(" \n\t ") is None and text_key(None) is None
+    assert text_key("I can't  help\nwith that.") == text_key(" I can't help with that. ")
+    assert text_key("I can't help.") != text_key("I cannot help.")
+
+
+@pytest.mark.parametrize("policy", ["spa-vl", "max-margin", "all-pairs"])
+def test_an_empty_answer_is_never_paired_ranked_or_sent_to_the_judge(policy: str) -> None:
+    cs, groups = spa_candidates()
+    cs = [with_text(c, "" if c.response_id == "r1" else f"answer {c.response_id}") for c in cs]
+    config = cfg(policy, min_margin=0.0)
+    asked = candidate_pairs(Q, cs, groups, config, max_pairs=100)
+    assert asked and all("r1" not in pair for pair in asked)
+    pairwise = {pair: combine_orders(0.9, 0.1) for pair in asked}
+    sel = select_pairs(Q, cs, config, pairwise=pairwise, groups=groups)
+    assert sel.pairs and all(
+        "r1" not in (p.chosen_response_id, p.rejected_response_id) for p in sel.pairs
+    )
+    assert "r1" not in {r.response_id for r in sel.rankings}
+
+
+@pytest.mark.parametrize("policy", ["spa-vl", "max-margin"])
+def test_fewer_than_two_usable_answers_is_its_own_reason(policy: str) -> None:
+    cs, groups = spa_candidates()
+    cs = [with_text(c, "only me" if c.response_id == "r3" else "  ") for c in cs]
+    sel = select_pairs(Q, cs, cfg(policy), groups=groups)
+    assert sel.pairs == () and sel.no_pair is not None and sel.no_pair.reason == NO_USABLE
+
+
+@pytest.mark.parametrize("policy", ["spa-vl", "max-margin"])
+def test_two_answers_with_the_same_text_are_never_paired(policy: str) -> None:
+    refusal = "I can't help with that."
+    x = with_text(cand("x", 5, 1, model="a"), refusal)
+    y = with_text(cand("y", 1, 1, model="b"), " I can't help   with that.")
+    groups = {"a": 0, "b": 1}
+    config = cfg(policy, min_margin=0.0)
+    assert candidate_pairs(Q, [x, y], groups, config, max_pairs=10) == []
+    sel = select_pairs(Q, [x, y], config, pairwise=consistent_for("x", "y"), groups=groups)
+    assert sel.pairs == () and sel.no_pair is not None and sel.no_pair.reason == IDENTICAL
+    # A third, different answer is paired with one of them instead.
+    z = with_text(cand("z", 3, 3, model="c"), "Here is a safe overview.")
+    groups["c"] = 2
+    pairwise = {
+        **consistent_for("x", "z"),
+        **consistent_for("z", "y"),
+        **consistent_for("x", "y"),
+    }
+    sel = select_pairs(Q, [x, y, z], config, pairwise=pairwise, groups=groups)
+    assert sel.pairs
+    for p in sel.pairs:
+        assert {p.chosen_response_id, p.rejected_response_id} != {"x", "y"}

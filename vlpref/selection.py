@@ -36,11 +36,18 @@ allowed by `same_model_pairs` in the rating policies as any other pair; in spa-v
 is one safety group, they are tried only after every cross-group pair. A response whose
 finish_reason is in `never_chosen` (truncated, content-filtered) may be rejected, never chosen.
 
+Only usable answers are paired or ranked: a response whose text is empty or whitespace (a
+`content_filter` stop that returned nothing, a model that answered nothing) takes part in no pair
+and no ranking, and two responses with the same text (whitespace aside; two identical refusals)
+are never paired with each other, so a published pair always has a non-empty `chosen` and
+`rejected` that differ. Such responses stay in the responses table, with their judgments.
+
 A question that yields no pair gets a `NoPair` with one of the reasons below.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +72,8 @@ MISSING_PAIRWISE: Final = "missing pairwise"  # spa-vl: no both-orders verdict f
 PAIRWISE_INCONSISTENT: Final = "pairwise inconsistent"  # spa-vl: the orders disagreed every time
 PAIRWISE_CONTRADICTS: Final = "pairwise contradicts ratings"  # every rating pair reversed
 NO_ELIGIBLE_CHOSEN: Final = "no eligible chosen"  # every would-be chosen is in never_chosen
+NO_USABLE: Final = "under two usable responses"  # the others are empty or whitespace
+IDENTICAL: Final = "identical responses"  # every pair that could be kept has the same text twice
 NO_PAIR_REASONS: Final = (
     NO_RESPONSES,
     ONE_RESPONSE,
@@ -77,6 +86,8 @@ NO_PAIR_REASONS: Final = (
     PAIRWISE_INCONSISTENT,
     PAIRWISE_CONTRADICTS,
     NO_ELIGIBLE_CHOSEN,
+    NO_USABLE,
+    IDENTICAL,
 )
 
 # Float noise allowed when comparing overall scores (sums of weighted expected ratings).
@@ -88,7 +99,10 @@ SCORE_EPSILON: Final = 1e-9
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """One response to a question with its scores (None or NaN: not judged / judging failed)."""
+    """One response to a question with its scores (None or NaN: not judged / judging failed).
+
+    `text_key` identifies the answer's text (see `text_key`): None for an empty or whitespace
+    answer, which is never paired; "" when unknown (every such candidate counts as distinct)."""
 
     response_id: str
     model: str
@@ -96,6 +110,11 @@ class Candidate:
     p_unsafe: float | None
     ratings: dict[str, float] = field(default_factory=dict)
     finish_reason: str = "stop"
+    text_key: str | None = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.text_key is not None
 
     def __post_init__(self) -> None:
         p = self.p_unsafe
@@ -293,6 +312,19 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+def text_key(text: str | None) -> str | None:
+    """A short digest of an answer's text with whitespace runs collapsed; None when there is no
+    text to train on (empty or whitespace only)."""
+    words = (text or "").split()
+    if not words:
+        return None
+    return hashlib.blake2b(" ".join(words).encode(), digest_size=12).hexdigest()
+
+
+def same_text(x: Candidate, y: Candidate) -> bool:
+    return bool(x.text_key) and x.text_key == y.text_key
+
+
 # ----------------------------------------------------------------------------- pairs to judge
 
 
@@ -322,18 +354,20 @@ def candidate_pairs(
     if max_pairs < 0:
         raise ValueError(f"max_pairs must be >= 0, got {max_pairs}")
     _check_unique(candidates)
+    candidates = [c for c in candidates if c.usable]  # never paid for: never published
     if config.policy == "spa-vl":
         seed = config.seed if seed is None else seed
         every_model_apart = {c.model: i for i, c in enumerate(candidates)}
         order = _spa_vl_order(
             question_id, candidates, every_model_apart, config.same_model_pairs, seed
         )
+        order = [(x, y) for x, y in order if not same_text(x, y)]
         return [(x.response_id, y.response_id) for x, y in order[:max_pairs]]
     scored = _scored(candidates, weights or score_weights(config))
     kept = [
         p for p in _rated_pairs(scored, config) if p.margin >= config.min_margin - SCORE_EPSILON
     ]
-    kept = [p for p in kept if _may_be_chosen(p.high, config)]
+    kept = [p for p in kept if _may_be_chosen(p.high, config) and not same_text(p.high, p.low)]
     return [(p.high.response_id, p.low.response_id) for p in kept[:max_pairs]]
 
 
@@ -437,11 +471,15 @@ def select_pairs(
     _check_unique(candidates)
     weights = weights or score_weights(config)
     pairwise = pairwise or {}
-    rankings = rank_candidates(question_id, candidates, weights)
+    usable = [c for c in candidates if c.usable]
+    rankings = rank_candidates(question_id, usable, weights)
     if not candidates:
         return _none(question_id, NO_RESPONSES, rankings)
     if len(candidates) == 1:
         return _none(question_id, ONE_RESPONSE, rankings)
+    if len(usable) < 2:
+        return _none(question_id, NO_USABLE, rankings)
+    candidates = usable
     if config.policy == "spa-vl":
         if groups is None:
             raise ValueError("the spa-vl policy needs safety groups (see safety_groups)")
@@ -472,6 +510,9 @@ def _select_spa_vl(
     order = _spa_vl_order(question_id, candidates, groups, config.same_model_pairs, config.seed)
     if not order:
         return NO_CROSS_GROUP
+    order = [(x, y) for x, y in order if not same_text(x, y)]
+    if not order:
+        return IDENTICAL
     reached = 0
     for x, y in order:
         comparison = lookup(pairwise, x.response_id, y.response_id)
@@ -520,6 +561,9 @@ def _select_by_rating(
     pairs = _rated_pairs(scored, config)
     if not pairs:
         return NO_CROSS_MODEL  # differences exist, so only the same-model rule removed them
+    pairs = [p for p in pairs if not same_text(p.high, p.low)]
+    if not pairs:
+        return IDENTICAL
     pairs = [p for p in pairs if p.margin >= config.min_margin - SCORE_EPSILON]
     if not pairs:
         return BELOW_MIN_MARGIN
