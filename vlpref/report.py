@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlpref.config import load_config
+from vlpref.run_summary import RunSummary, summarize
 from vlpref.store import Store
 
 
@@ -51,22 +52,50 @@ def print_summary(
         )
     console.print(safety)
 
-    stages = Table(title="rows in / out / failed per stage (all branches)")
-    for column in ("stage", "unit", "in", "out", "failed"):
-        stages.add_column(column, justify="left" if column in ("stage", "unit") else "right")
-    totals: dict[str, Counter[str]] = {}
-    units: dict[str, str] = {}
-    for branch in manifest.get("branches", {}).values():
-        for stage, info in branch["stages"].items():
-            counts = info["counts"]
-            units[stage] = counts.get("unit", "")
-            totals.setdefault(stage, Counter()).update(
-                {k: int(counts.get(k) or 0) for k in ("in", "out", "failed")}
-            )
-    for stage, total in totals.items():
-        stages.add_row(
-            stage, units[stage], str(total["in"]), str(total["out"]), str(total["failed"])
-        )
-    console.print(stages)
+    counts = (
+        (stage, branch_id, info["counts"])
+        for branch_id, branch in manifest.get("branches", {}).items()
+        for stage, info in branch["stages"].items()
+    )
+    failures = version.table("failures", ["stage", "kind", "reason", "item_id"])
+    print_run_summary(
+        summarize(counts, [failures], threshold=config.warn_failure_rate), console=console
+    )
     if server_counters is not None:
         console.print(f"requests that reached the simulated server: {server_counters.get('total')}")
+
+
+def print_run_summary(summary: RunSummary, console: Console | None = None) -> None:
+    """The per-stage in / out / failed table, the stages over the failure threshold, and the
+    most common failure reasons with an example of each."""
+    console = console or Console()
+    for branch in summary.branches_failed:
+        console.print(f"branch failed: {branch}", markup=False, highlight=False)
+    stages = Table(title="rows in / out / failed per stage (all branches)")
+    for column in ("stage", "unit", "in", "out", "failed", "sent", "journal"):
+        stages.add_column(column, justify="left" if column in ("stage", "unit") else "right")
+    for s in summary.stages:
+        failed = f"[red]{s.n_failed}[/red]" if s.n_failed else "0"
+        stages.add_row(
+            s.stage,
+            s.unit,
+            str(s.n_in),
+            str(s.n_out),
+            failed,
+            str(s.requests_sent),
+            str(s.requests_cached),
+        )
+    console.print(stages)
+    for alert in summary.alerts:
+        console.print(
+            f"warning: {alert.describe()}, over warn_failure_rate {summary.threshold:g}",
+            markup=False,
+            highlight=False,
+        )
+    if summary.reasons:
+        reasons = Table(title="most common failures", show_lines=False)
+        for column in ("stage", "kind", "count", "example"):
+            reasons.add_column(column, justify="right" if column == "count" else "left")
+        for r in summary.reasons:
+            reasons.add_row(r.stage, r.kind, str(r.count), f"{r.example_item}: {r.example_reason}")
+        console.print(reasons)
