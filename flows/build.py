@@ -17,16 +17,21 @@ from typing import Any, cast
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.futures import PrefectFuture, as_completed, wait
+from prefect.states import Completed
 
 from flows import progress
-from vlpref import heap
+from vlpref import heap, preflight, records
 from vlpref.config import RunConfig, load_config
-from vlpref.errors import ConfigError
+from vlpref.errors import BuildError, ConfigError
 from vlpref.gctune import throughput_gc
+from vlpref.records import schema_fingerprint
+from vlpref.retry import check_policy, retryable_count
+from vlpref.run_summary import RunSummary, stage_alert, summarize
 from vlpref.scheduling import AnswerBudget
 from vlpref.taxonomy import Subcategory, load_taxonomy
-from vlpref.workspace import StageRef, Workspace, stage_key
+from vlpref.workspace import StageRef, Workspace, output_id, stage_key
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 1, "retry_delay_seconds": 2}
 
@@ -66,6 +71,7 @@ def images_key(config: RunConfig, leaf: Subcategory) -> str:
     local = _file_fingerprint(_base_dir(config) / path) if path else []
     return stage_key(
         "images",
+        _columns("images"),
         leaf.path,
         leaf.keywords,
         leaf.key_phrase,
@@ -74,6 +80,20 @@ def images_key(config: RunConfig, leaf: Subcategory) -> str:
         settings,
         local,
     )
+
+
+STAGE_SCHEMAS = {
+    "images": (records.IMAGES,),
+    "questions": (records.QUESTIONS,),
+    "responses": (records.RESPONSES,),
+    "judge": (records.JUDGMENTS,),
+    "pairs": (records.PAIRS, records.RANKINGS),
+}
+
+
+def _columns(stage: str) -> Any:
+    """The columns a stage writes (its tables' and the failures'), as they enter its key."""
+    return schema_fingerprint(*STAGE_SCHEMAS[stage], records.FAILURES)
 
 
 def _base_dir(config: RunConfig) -> Path:
@@ -86,18 +106,53 @@ def _prompts(config: RunConfig, *names: str) -> dict[str, str]:
     return {n: load_prompt(n, config.prompts_dir).version for n in names}
 
 
-def _reuse_or_run(workspace: Workspace, stage: str, branch_id: str, key: str) -> StageRef | None:
+class _Previous:
+    """What a task found in the workspace for its key: an output to reuse as it is, or one whose
+    failures the retry policy asks for again (the stage runs; the journal answers the rest)."""
+
+    def __init__(self, reuse: StageRef | None, retrying: StageRef | None) -> None:
+        self.reuse = reuse
+        self.retrying = retrying
+
+
+def _reuse_or_run(
+    workspace: Workspace, config: RunConfig, stage: str, branch_id: str, key: str
+) -> _Previous:
     found = workspace.find(stage, branch_id, key)
-    if found is not None:
-        get_run_logger().info("%s/%s: reusing output %s", stage, branch_id, key)
-        progress.notify(stage, branch_id, found.counts)
-    return found
+    if found is None:
+        return _Previous(None, None)
+    retry = retryable_count(found.failed_by_kind, config.retry_failed)
+    if retry:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(found.failed_by_kind.items()))
+        get_run_logger().info(
+            "%s/%s: retrying %d failed item(s) of output %s (%s; --retry-failed %s)",
+            stage,
+            branch_id,
+            retry,
+            key,
+            kinds,
+            config.retry_failed,
+        )
+        return _Previous(None, found)
+    get_run_logger().info("%s/%s: reusing output %s", stage, branch_id, key)
+    progress.notify(stage, branch_id, found.counts)
+    return _Previous(found, None)
 
 
 def _finish(
-    workspace: Workspace, output: Any, key: str, tables: dict[str, Any], started: float
+    workspace: Workspace,
+    output: Any,
+    key: str,
+    tables: dict[str, Any],
+    started: float,
+    previous: _Previous,
 ) -> StageRef:
     output.extra["elapsed_s"] = round(time.perf_counter() - started, 3)
+    before = previous.retrying
+    if before is not None and before.output_id == output_id(key, output.failed_items()):
+        # The retry healed nothing: the same items failed again. Keep the output that exists
+        # rather than a copy under a new generation, so nothing downstream is recomputed.
+        return _done(before)
     ref = _done(workspace.write(output, key, tables))
     heap.trim()  # what earlier stages freed goes back to the OS (vlpref/heap.py)
     return ref
@@ -109,16 +164,42 @@ def _done(ref: StageRef) -> StageRef:
     return ref
 
 
+def _outcome(ref: StageRef, config: RunConfig) -> StageRef:
+    """The task's result; as a state named 'Completed with failures' (with a warning in the log
+    and an artifact on the task run) when the output's failure rate passes `warn_failure_rate`.
+
+    Completed, not Failed: the rows that succeeded are good data, the branch's later stages and
+    the other branches still run, and a rerun retries what failed. A Failed task would stop its
+    branch, make Prefect retry the task at once against the same endpoint, and publish nothing
+    of a branch where one response model is down."""
+    alert = stage_alert(ref.stage, ref.counts, config.warn_failure_rate)
+    if alert is None:
+        return ref
+    message = f"{ref.stage}/{ref.branch_id}: {alert}"
+    get_run_logger().warning("%s (warn_failure_rate %s)", message, config.warn_failure_rate)
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(ref.failed_by_kind.items()))
+    create_markdown_artifact(
+        markdown=f"# {message}\n\nFailures by kind: {kinds or 'unknown'}. "
+        "The branch's failures table and the run summary give the reasons.\n",
+        description=f"{ref.stage} failures over warn_failure_rate",
+    )
+    state: State[StageRef] = Completed(data=ref, name="Completed with failures", message=message)
+    return cast(StageRef, state)  # Prefect makes a returned state the task's final state
+
+
 @task(name="images", **TASK_OPTIONS)
 def images_task(config: RunConfig, leaf: Subcategory) -> StageRef:
     from tasks.images import collect_images
 
     workspace, started = Workspace(config.workspace), time.perf_counter()
     key = images_key(config, leaf)
-    if found := _reuse_or_run(workspace, "images", leaf.branch_id, key):
-        return found
+    previous = _reuse_or_run(workspace, config, "images", leaf.branch_id, key)
+    if previous.reuse:
+        return _outcome(previous.reuse, config)
     output = collect_images(leaf, config.stages.images, base_dir=_base_dir(config))
-    return _finish(workspace, output, key, {"images": output.rows}, started)
+    return _outcome(
+        _finish(workspace, output, key, {"images": output.rows}, started, previous), config
+    )
 
 
 @task(name="questions", **TASK_OPTIONS)
@@ -128,16 +209,20 @@ def questions_task(config: RunConfig, leaf: Subcategory, images: StageRef) -> St
     workspace, started = Workspace(config.workspace), time.perf_counter()
     key = stage_key(
         "questions",
-        images.key,
+        _columns("questions"),
+        images.output_id,
         _entry(config, config.generator.name),
         config.stages.questions.model_dump(mode="json"),
         _prompts(config, "caption", "questions"),
     )
-    if found := _reuse_or_run(workspace, "questions", leaf.branch_id, key):
-        return found
+    previous = _reuse_or_run(workspace, config, "questions", leaf.branch_id, key)
+    if previous.reuse:
+        return _outcome(previous.reuse, config)
     with workspace.journal("questions", leaf.branch_id) as journal:
         output = generate_questions(leaf, workspace.read(images, "images"), config, journal)
-    return _finish(workspace, output, key, {"questions": output.rows}, started)
+    return _outcome(
+        _finish(workspace, output, key, {"questions": output.rows}, started, previous), config
+    )
 
 
 @task(name="responses", **TASK_OPTIONS)
@@ -149,12 +234,14 @@ def responses_task(
     workspace, started = Workspace(config.workspace), time.perf_counter()
     key = stage_key(
         "responses",
-        questions.key,
+        _columns("responses"),
+        questions.output_id,
         [_entry(config, m.name) for m in config.models],
         _prompts(config, "response"),
     )
-    if found := _reuse_or_run(workspace, "responses", leaf.branch_id, key):
-        return found
+    previous = _reuse_or_run(workspace, config, "responses", leaf.branch_id, key)
+    if previous.reuse:
+        return _outcome(previous.reuse, config)
     with workspace.journal("responses", leaf.branch_id) as journal:
         output = collect_responses(
             leaf.branch_id,
@@ -163,7 +250,9 @@ def responses_task(
             config,
             journal,
         )
-    return _finish(workspace, output, key, {"responses": output.rows}, started)
+    return _outcome(
+        _finish(workspace, output, key, {"responses": output.rows}, started, previous), config
+    )
 
 
 @task(name="judge", **TASK_OPTIONS)
@@ -175,14 +264,16 @@ def judge_task(
     workspace, started = Workspace(config.workspace), time.perf_counter()
     key = stage_key(
         "judge",
-        responses.key,
+        _columns("judge"),
+        responses.output_id,
         [_entry(config, j.name) for j in config.judges],
         config.stages.judge.model_dump(mode="json"),
         config.stages.pairs.model_dump(mode="json"),  # candidate pairs follow the policy
         _prompts(config, "judge_safety", "judge_rating", "judge_pairwise"),
     )
-    if found := _reuse_or_run(workspace, "judge", leaf.branch_id, key):
-        return found
+    previous = _reuse_or_run(workspace, config, "judge", leaf.branch_id, key)
+    if previous.reuse:
+        return _outcome(previous.reuse, config)
     with workspace.journal("judge", leaf.branch_id) as journal:
         output = judge_responses(
             leaf.branch_id,
@@ -192,7 +283,9 @@ def judge_task(
             config,
             journal,
         )
-    return _finish(workspace, output, key, {"judgments": output.rows}, started)
+    return _outcome(
+        _finish(workspace, output, key, {"judgments": output.rows}, started, previous), config
+    )
 
 
 @task(name="pairs", **TASK_OPTIONS)
@@ -202,9 +295,12 @@ def pairs_task(
     from tasks.pairs import select_branch_pairs
 
     workspace, started = Workspace(config.workspace), time.perf_counter()
-    key = stage_key("pairs", judge.key, config.stages.pairs.model_dump(mode="json"))
-    if found := _reuse_or_run(workspace, "pairs", leaf.branch_id, key):
-        return found
+    key = stage_key(
+        "pairs", _columns("pairs"), judge.output_id, config.stages.pairs.model_dump(mode="json")
+    )
+    previous = _reuse_or_run(workspace, config, "pairs", leaf.branch_id, key)
+    if previous.reuse:
+        return _outcome(previous.reuse, config)
     output, rankings = select_branch_pairs(
         leaf.branch_id,
         workspace.read(questions, "questions"),
@@ -212,7 +308,8 @@ def pairs_task(
         workspace.read(judge, "judgments"),
         config,
     )
-    return _finish(workspace, output, key, {"pairs": output.rows, "rankings": rankings}, started)
+    tables = {"pairs": output.rows, "rankings": rankings}
+    return _outcome(_finish(workspace, output, key, tables, started, previous), config)
 
 
 def submit_preparation(config: RunConfig, leaf: Subcategory) -> dict[str, PrefectFuture[StageRef]]:
@@ -305,17 +402,24 @@ def run_branches(
 
 
 @flow(name="build-dataset", log_prints=True)
-def build_dataset(config: str, only: list[str] | None = None) -> str:
+def build_dataset(
+    config: str, only: list[str] | None = None, retry_failed: str | None = None
+) -> str:
     """Build one dataset version from the run config at `config` (a path); `only` limits the run
-    to taxonomy path prefixes. Returns the new version's id."""
+    to taxonomy path prefixes; `retry_failed` (transient, all, none) overrides the config's
+    choice of which failures of finished stage outputs are asked for again. Returns the new
+    version's id."""
     from flows.publish import publish_version
 
     run_config = load_config(config)
+    if retry_failed is not None:
+        run_config = run_config.model_copy(update={"retry_failed": check_policy(retry_failed)})
     taxonomy = load_taxonomy(run_config.taxonomy)
     selected = only if only is not None else (list(run_config.only) or None)
     if selected is not None and not selected:
         raise ConfigError("`only` is empty: name at least one taxonomy path prefix to rebuild")
     leaves = taxonomy.select(selected)
+    preflight.before_build(run_config)  # keys, endpoints, model ids: before anything is paid for
     with throughput_gc(), heap.system_arrow_pool():
         branches = run_branches(run_config, leaves)
         refs: dict[str, dict[str, StageRef]] = {}
@@ -325,15 +429,28 @@ def build_dataset(config: str, only: list[str] | None = None) -> str:
                 refs[branch_id] = {stage: futures[stage].result() for stage in STAGES}
             except Exception as exc:  # reported below; the flow fails after the artifact
                 failed.append(f"{branch_id}: {type(exc).__name__}: {exc}")
-        _report(leaves, refs, failed)
+        _report(run_config, leaves, refs, failed)
         if failed:
-            raise RuntimeError(f"{len(failed)} branch(es) failed: " + "; ".join(failed))
+            raise BuildError(failed, workspace=run_config.workspace)
         return publish_version(run_config, taxonomy, leaves, refs, only=selected)
 
 
 def _report(
-    leaves: list[Subcategory], refs: dict[str, dict[str, StageRef]], failed: list[str]
-) -> None:
+    config: RunConfig,
+    leaves: list[Subcategory],
+    refs: dict[str, dict[str, StageRef]],
+    failed: list[str],
+) -> RunSummary:
+    """The run summary, before anything is published: as the flow run's artifacts and handed to
+    the CLI, so a run that can publish nothing still says what failed and why."""
+    workspace = Workspace(config.workspace)
+    outputs = [ref for leaf in leaves for ref in refs.get(leaf.branch_id, {}).values()]
+    summary = summarize(
+        ((ref.stage, ref.branch_id, ref.counts) for ref in outputs),
+        (workspace.read(ref, "failures") for ref in outputs if ref.counts.get("failed")),
+        threshold=config.warn_failure_rate,
+        branches_failed=failed,
+    )
     rows = []
     for leaf in leaves:
         stage_refs = refs.get(leaf.branch_id)
@@ -347,6 +464,6 @@ def _report(
     create_table_artifact(
         key="vlpref-branch-counts", table=rows, description="out/in per stage and branch"
     )
-    lines = ["# vlpref build", "", f"{len(refs)} branch(es) built, {len(failed)} failed.", ""]
-    lines += [f"- failed: {f}" for f in failed]
-    create_markdown_artifact(key="vlpref-build", markdown="\n".join(lines))
+    create_markdown_artifact(key="vlpref-build", markdown=summary.to_markdown())
+    progress.notify_summary(summary)
+    return summary

@@ -16,7 +16,9 @@ def provider_for(
     config: RunConfig, entry: ModelEntry, service: ModelService | None = None
 ) -> Provider:
     service = service or ModelService.shared()
-    return service.provider(config.endpoints[entry.endpoint])
+    return service.provider(
+        config.endpoints[entry.endpoint], early_stop_after=config.early_stop_after
+    )
 
 
 def image_part(row: Mapping[str, Any]) -> ImagePart:

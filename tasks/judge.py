@@ -30,7 +30,14 @@ from vlpref.judging import parse_pairwise, parse_ratings, parse_safety
 from vlpref.prompts import load_prompt
 from vlpref.records import JUDGMENTS, TableBuilder, iter_rows, sorted_by, stable_id
 from vlpref.runner import BatchStats
-from vlpref.selection import Candidate, candidate_pairs, safety_groups, safety_rates, score_weights
+from vlpref.selection import (
+    Candidate,
+    candidate_pairs,
+    safety_groups,
+    safety_rates,
+    score_weights,
+    text_key,
+)
 from vlpref.service import ModelService
 from vlpref.stage import FailureRow, StageOutput
 
@@ -72,6 +79,7 @@ def candidates_from_judgments(
                     a: m for a, v in ratings.get(rid, {}).items() if (m := _mean(v)) is not None
                 },
                 finish_reason=r["finish_reason"],
+                text_key=text_key(r["text"]),
             )
         )
     return out
@@ -300,11 +308,30 @@ def _run_calls(
                 prompt_version=call.prompt_version,
             )
 
+    from vlpref.chat import ChatResult
+    from vlpref.service import Batch
+
+    def unparseable(result: ChatResult) -> str | None:
+        """The early-stop probe's check (on the service's thread; the call is still live): a
+        judge whose first answers all fail to parse is asked no more (vlpref/earlystop.py)."""
+        call = live.get(result.request.id)
+        if call is None or not result.samples:
+            return None
+        try:
+            call.parse(result.samples[0])
+        except JudgeParseError as exc:
+            return str(exc)
+        return None
+
     todo: Mapping[str, Iterable[_Call]] = calls_by_judge
     for attempt in range(max_attempts):
         retry: dict[str, list[_Call]] = defaultdict(list)
-        batches = [
-            (provider_for(config, judges[name], service), requests(calls, attempt))
+        batches = [  # re-asks are answers that failed to parse already: only transport stops them
+            Batch(
+                provider_for(config, judges[name], service),
+                requests(calls, attempt),
+                check=None if attempt else unparseable,
+            )
             for name, calls in todo.items()
         ]
         for result in service.run(batches, journal, stats):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -61,50 +64,103 @@ def run(
     address: Annotated[
         str | None, typer.Option(help="an existing Dask scheduler or Ray cluster address")
     ] = None,
+    retry_failed: Annotated[
+        str | None,
+        typer.Option(
+            "--retry-failed",
+            help="which failures of earlier runs to ask for again: transient (the config's "
+            "default), all, or none",
+        ),
+    ] = None,
+    preflight: Annotated[
+        bool,
+        typer.Option(
+            "--preflight/--no-preflight",
+            help="before anything runs, check API keys, endpoints and model ids (GET /models; "
+            "no chat request); --no-preflight skips it for this run",
+        ),
+    ] = True,
 ) -> None:
     """Build a new dataset version (one Prefect flow run)."""
     import time
 
     from vlpref.config import load_config
+    from vlpref.preflight import check as preflight_check
+    from vlpref.preflight import skipped
     from vlpref.report import print_summary
+    from vlpref.retry import check_policy
     from vlpref.taxonomy import load_taxonomy
 
     cfg = load_config(config)  # fail on a bad config before Prefect starts
+    if retry_failed is not None:
+        check_policy(retry_failed)
+    # Also before Prefect starts (an error line, no traceback), and before anything is paid for.
+    # The flow then skips what was just checked; `kind: vllm` without vLLM is refused either way.
+    preflight_check(cfg, network=preflight and cfg.preflight, warn=_warning)
     selected = only or (list(cfg.only) or None)
     leaves = load_taxonomy(cfg.taxonomy).select(selected)
     started = time.perf_counter()
     from flows.runners import task_runner
 
     chosen = task_runner(runner, workers=workers, address=address)
-    version_id = _run_with_progress(str(config), only or None, len(leaves), chosen)
+    with skipped():
+        version_id = _run_with_progress(
+            str(config), only or None, len(leaves), chosen, retry_failed=retry_failed
+        )
     print_summary(str(config), version_id, time.perf_counter() - started, console=Console())
 
 
-def _run_with_progress(config: str, only: list[str] | None, branches: int, runner: Any) -> str:
+def _run_with_progress(
+    config: str,
+    only: list[str] | None,
+    branches: int,
+    runner: Any,
+    *,
+    retry_failed: str | None = None,
+) -> str:
+    """Run the flow with progress bars. The run summary the flow hands over is printed when
+    the run fails (a run that succeeds prints it with the version's summary)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows import progress
     from flows.build import STAGES, build_dataset
+    from vlpref.prefect_server import prefect_api
 
-    with Progress(
-        TextColumn("{task.description:<10}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bars:
+    # Without PREFECT_API_URL, a server of our own that Ctrl-C leaves for us to stop (see there).
+    with (
+        prefect_api(log=lambda line: console.print(line, markup=False)),
+        Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as bars,
+    ):
         ids = {stage: bars.add_task(stage, total=branches) for stage in STAGES}
 
         def advance(stage: str, branch_id: str, counts: dict[str, object]) -> None:
             if stage in ids:
                 bars.advance(ids[stage])
 
+        summaries: list[object] = []
         unsubscribe = progress.subscribe(advance)
+        unsubscribe_summary = progress.subscribe_summary(summaries.append)
         try:
-            return build_dataset.with_options(task_runner=runner)(config, only)
+            return build_dataset.with_options(task_runner=runner)(config, only, retry_failed)
+        except BaseException:
+            from vlpref.report import print_run_summary
+            from vlpref.run_summary import RunSummary
+
+            bars.stop()
+            for summary in summaries:
+                if isinstance(summary, RunSummary):
+                    print_run_summary(summary, console=Console(stderr=True))
+            raise
         finally:
             unsubscribe()
+            unsubscribe_summary()
 
 
 versions_app = typer.Typer(help="List, show and compare dataset versions.", no_args_is_help=True)
@@ -132,9 +188,8 @@ def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
         Console().print(f"{title}: none")
         return
     for column in rows[0]:
-        table.add_column(
-            str(column), justify="right" if isinstance(rows[0][column], int) else "left"
-        )
+        numbers = any(isinstance(row[column], int) for row in rows)
+        table.add_column(str(column), justify="right" if numbers else "left")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console().print(table)
@@ -142,15 +197,36 @@ def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
 
 @versions_app.command("list")
 def versions_list(store: StoreOption = None, config: ConfigOption = None) -> None:
-    """Every complete version, oldest first."""
-    from vlpref.versions import summary_row
+    """Every complete version, oldest first. A damaged version (its marker or manifest does not
+    read) is listed as DAMAGED with a `warning:` line naming the file; the others are listed as
+    usual and the command succeeds: one damaged version does not hide the rest."""
+    from vlpref.errors import StoreError
+    from vlpref.store import DamagedVersion
+    from vlpref.versions import damaged_row, summary_row
+
+    def warn(message: str) -> None:
+        console.print(f"warning: {message}", highlight=False, markup=False)
 
     st = _store(store, config)
-    latest = st.latest()
+    try:
+        latest = st.latest()
+    except StoreError as exc:
+        warn(str(exc))
+        latest = None
     rows = []
-    for info in st.list_versions():
-        row = summary_row(st.open(info.version_id).manifest)
-        row["latest"] = "*" if latest and latest.version_id == info.version_id else ""
+    for entry in st.scan():
+        damage = entry.reason if isinstance(entry, DamagedVersion) else None
+        if damage is None:
+            try:
+                row = summary_row(st.open(entry.version_id).manifest)
+            except StoreError as exc:
+                damage = str(exc)
+            except OSError as exc:  # unreadable (no permission...): the others still list
+                damage = _os_error(exc)
+        if damage is not None:
+            warn(f"version {entry.version_id} is damaged: {damage}")
+            row = damaged_row(entry.version_id)
+        row["latest"] = "*" if latest and latest.version_id == entry.version_id else ""
         rows.append(row)
     _print_rows(f"versions in {st.location}", rows)
 
@@ -262,16 +338,31 @@ def serve(
 
 
 @app.command("check")
-def check(config: Annotated[Path, typer.Argument(help="run config YAML")]) -> None:
+def check(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    preflight: Annotated[
+        bool,
+        typer.Option(
+            "--preflight",
+            help="also check API keys, endpoints and model ids (GET /models; no chat request)",
+        ),
+    ] = False,
+) -> None:
     """Validate a run config (and its taxonomy) without running anything."""
     from vlpref.config import load_config
+    from vlpref.preflight import check as preflight_check
 
     cfg = load_config(config)
+    preflight_check(cfg, network=preflight, warn=_warning)  # without --preflight: vLLM only
     console.print(
         f"[green]ok[/green] {config}: {len(cfg.models)} response model(s), "
         f"{len(cfg.judges)} judge(s), {len(cfg.endpoints)} endpoint(s), "
-        f"config {cfg.content_hash()[:12]}"
+        f"config {cfg.content_hash()[:12]}" + ("; preflight passed" if preflight else "")
     )
+
+
+def _warning(message: str) -> None:
+    console.print(f"warning: {message}", highlight=False, markup=False)
 
 
 @app.command("vllm-serve")
@@ -329,8 +420,7 @@ def vllm_serve(
                     time.sleep(2)
                     servers.check_alive()
     except KeyboardInterrupt:
-        console.print("interrupted", markup=False)
-        raise SystemExit(130) from None
+        raise SystemExit(INTERRUPTED) from None  # main() prints the `error: interrupted` line
     finally:
         console.print("vllm servers stopped", markup=False)
         servers.cleanup()
@@ -345,12 +435,72 @@ def providers() -> None:
         typer.echo(kind)
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C; SIGTERM too (`vllm-serve` alike)
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as `<file>: <what>`; one that names no file (a full disk does not) as the
+    command it stopped, what happened and its errno name."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None:
+        files = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else exc.filename
+        return f"{files}: {what}"
+    code = errno.errorcode.get(exc.errno or 0)
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    where = f"vlpref {command}: " if command else ""
+    return f"{where}{what} ({code})" if code else f"{where}{what}"
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """The one `error:` line an expected failure ends with. A temporary Prefect server is stopped
+    first, so that its goodbye does not come after the line, and none is left behind."""
+    from vlpref.prefect_server import stop_temporary_server
+
+    stop_temporary_server()
+    console.print(f"error: {message}", highlight=False, markup=False)
+    raise SystemExit(code)
+
+
+def _expected(exc: BaseException | None) -> bool:
+    """A failure the user can act on from its message alone: a VlprefError, or an error of the
+    operating system (a full disk, no permission, a missing file). Anything else is a bug."""
+    return isinstance(exc, VlprefError) or (isinstance(exc, OSError) and exc.errno is not None)
+
+
+class _NoTracebackWhenExpected(logging.Filter):
+    """Prefect logs a task or flow run that failed with the exception's traceback. For an
+    expected failure the message says what and where, and the traceback only buries it (and
+    looks like a crash); a bug keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _expected(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def main() -> None:
+    """Run the command line. Every expected failure ends with one `error: ...` line on stderr:
+    a VlprefError (a bad config, a branch that failed, a damaged store, a held lock) or an OSError
+    (a full disk, no permission, a missing file) exits with code 2; Ctrl-C or SIGTERM with
+    `error: interrupted ...` and code 130. Anything else is a bug and keeps its traceback."""
+    from vlpref.vllm_serve import terminate_as_interrupt
+
+    for name in ("prefect.task_runs", "prefect.flow_runs"):  # before Prefect configures them
+        logging.getLogger(name).addFilter(_NoTracebackWhenExpected())
     try:
-        app()
+        with terminate_as_interrupt():  # SIGTERM stops a command as Ctrl-C does
+            app()
     except VlprefError as exc:
-        console.print(f"error: {exc}", highlight=False, markup=False)
-        raise SystemExit(2) from None
+        _fail(str(exc), 2)
+    except OSError as exc:
+        _fail(_os_error(exc), 2)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # typer turns a KeyboardInterrupt inside a command into exit code 130.
+        if isinstance(exc, KeyboardInterrupt) or exc.code == INTERRUPTED:
+            ran_a_flow = "flows.build" in sys.modules
+            hint = "; the answers that arrived are in the journal: a rerun asks for the rest"
+            _fail(f"interrupted (Ctrl-C or SIGTERM){hint if ran_a_flow else ''}", INTERRUPTED)
+        raise
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from vlpref.chat import SamplingParams
 from vlpref.errors import ConfigError, ProviderError
 from vlpref.providers.registry import provider_class
 from vlpref.resources import builtin_taxonomy, is_builtin
+from vlpref.retry import RetryPolicy
 from vlpref.yamlfile import Lines, format_loc, load_yaml
 
 # Field names that would hold a secret. Refused anywhere in a config, whatever their value.
@@ -223,6 +224,30 @@ class RunConfig(_Strict):
         description="response samples (questions x samples per question) that the branches "
         "answering at once may hold; a larger branch answers alone",
     )
+    warn_failure_rate: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="a stage output (per branch) whose share of failed rows passes this is "
+        "marked 'Completed with failures' in Prefect and named in the run summary",
+    )
+    retry_failed: RetryPolicy = Field(
+        default="transient",
+        description="which failures of a finished stage output a rerun asks for again "
+        "(vlpref/retry.py has the table by failure kind)",
+    )
+    # Operational: neither enters the config's hash.
+    preflight: bool = Field(
+        default=True,
+        description="check keys, endpoints and model ids before any stage runs "
+        "(vlpref/preflight.py; `vlpref run --no-preflight` skips it for one run)",
+    )
+    early_stop_after: int = Field(
+        default=8,
+        ge=0,
+        description="a batch (one stage's requests for one model) stops sending once its first "
+        "this-many sent requests all failed alike for a reason retrying cannot heal; 0: never",
+    )
     source_file: str | None = Field(default=None, exclude=True)
 
     @field_validator("taxonomy")
@@ -273,6 +298,10 @@ class RunConfig(_Strict):
                 "only",
                 "parallel_branches",
                 "responses_in_flight",
+                "preflight",
+                "early_stop_after",
+                "retry_failed",
+                "warn_failure_rate",
                 "source_file",
             },
         )
