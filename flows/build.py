@@ -11,6 +11,7 @@ off (our keys are exact and cheaper). Whole-task failures are retried by Prefect
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -106,13 +107,13 @@ def _prompts(config: RunConfig, *names: str) -> dict[str, str]:
     return {n: load_prompt(n, config.prompts_dir).version for n in names}
 
 
+@dataclass(frozen=True, slots=True)
 class _Previous:
     """What a task found in the workspace for its key: an output to reuse as it is, or one whose
     failures the retry policy asks for again (the stage runs; the journal answers the rest)."""
 
-    def __init__(self, reuse: StageRef | None, retrying: StageRef | None) -> None:
-        self.reuse = reuse
-        self.retrying = retrying
+    reuse: StageRef | None
+    retrying: StageRef | None
 
 
 def _reuse_or_run(
@@ -141,6 +142,7 @@ def _reuse_or_run(
 
 def _finish(
     workspace: Workspace,
+    config: RunConfig,
     output: Any,
     key: str,
     tables: dict[str, Any],
@@ -152,10 +154,10 @@ def _finish(
     if before is not None and before.output_id == output_id(key, output.failed_items()):
         # The retry healed nothing: the same items failed again. Keep the output that exists
         # rather than a copy under a new generation, so nothing downstream is recomputed.
-        return _done(before)
+        return _outcome(_done(before), config)
     ref = _done(workspace.write(output, key, tables))
     heap.trim()  # what earlier stages freed goes back to the OS (vlpref/heap.py)
-    return ref
+    return _outcome(ref, config)
 
 
 def _done(ref: StageRef) -> StageRef:
@@ -197,9 +199,7 @@ def images_task(config: RunConfig, leaf: Subcategory) -> StageRef:
     if previous.reuse:
         return _outcome(previous.reuse, config)
     output = collect_images(leaf, config.stages.images, base_dir=_base_dir(config))
-    return _outcome(
-        _finish(workspace, output, key, {"images": output.rows}, started, previous), config
-    )
+    return _finish(workspace, config, output, key, {"images": output.rows}, started, previous)
 
 
 @task(name="questions", **TASK_OPTIONS)
@@ -220,9 +220,7 @@ def questions_task(config: RunConfig, leaf: Subcategory, images: StageRef) -> St
         return _outcome(previous.reuse, config)
     with workspace.journal("questions", leaf.branch_id) as journal:
         output = generate_questions(leaf, workspace.read(images, "images"), config, journal)
-    return _outcome(
-        _finish(workspace, output, key, {"questions": output.rows}, started, previous), config
-    )
+    return _finish(workspace, config, output, key, {"questions": output.rows}, started, previous)
 
 
 @task(name="responses", **TASK_OPTIONS)
@@ -250,9 +248,7 @@ def responses_task(
             config,
             journal,
         )
-    return _outcome(
-        _finish(workspace, output, key, {"responses": output.rows}, started, previous), config
-    )
+    return _finish(workspace, config, output, key, {"responses": output.rows}, started, previous)
 
 
 @task(name="judge", **TASK_OPTIONS)
@@ -283,9 +279,7 @@ def judge_task(
             config,
             journal,
         )
-    return _outcome(
-        _finish(workspace, output, key, {"judgments": output.rows}, started, previous), config
-    )
+    return _finish(workspace, config, output, key, {"judgments": output.rows}, started, previous)
 
 
 @task(name="pairs", **TASK_OPTIONS)
@@ -309,7 +303,7 @@ def pairs_task(
         config,
     )
     tables = {"pairs": output.rows, "rankings": rankings}
-    return _outcome(_finish(workspace, output, key, tables, started, previous), config)
+    return _finish(workspace, config, output, key, tables, started, previous)
 
 
 def submit_preparation(config: RunConfig, leaf: Subcategory) -> dict[str, PrefectFuture[StageRef]]:
