@@ -88,7 +88,7 @@ def check_stage(out: StageOutput, questions: pa.Table, journal: Journal) -> None
     """The first run of the responses stage: 6 questions x (2 + 1) samples, all answered."""
     q = questions.num_rows
     assert (out.n_in, out.n_out, out.n_failed) == (q * 3, q * 3, 0), out.failures
-    assert out.extra == {"requests_sent": q * 2, "requests_cached": 0}
+    assert out.extra == {"requests_sent": q * 2, "requests_cached": 0, "requests_deduplicated": 0}
     rows = out.rows.to_pylist()
     by_model: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -130,7 +130,11 @@ def rerun_sends_nothing(
     leaf, images, questions = workload
     journal = Journal(str(journal_dir))
     again = collect_responses(leaf.branch_id, questions, images, config, journal, service)
-    assert again.extra == {"requests_sent": 0, "requests_cached": questions.num_rows * 2}
+    assert again.extra == {
+        "requests_sent": 0,
+        "requests_cached": questions.num_rows * 2,
+        "requests_deduplicated": 0,
+    }
     assert journal.appended == 0
     assert again.rows.column("text").to_pylist() == first.rows.column("text").to_pylist()
     assert set(again.rows.column("cached").to_pylist()) == {True}
@@ -147,7 +151,7 @@ def failures_are_counted(
         leaf.branch_id, questions, images, config, Journal(str(journal_dir)), service
     )
     assert (out.n_in, out.n_out, out.n_failed) == (4 * q, 3 * q, q)
-    assert out.extra == {"requests_sent": q, "requests_cached": 2 * q}
+    assert out.extra == {"requests_sent": q, "requests_cached": 2 * q, "requests_deduplicated": 0}
     return sorted({f.kind for f in out.failures})
 
 
