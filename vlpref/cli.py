@@ -247,7 +247,7 @@ def versions_show(
     out.print(
         f"[bold]{v.version_id}[/bold]  created {m.get('created_at')}  parent {m.get('parent')}"
     )
-    out.print(f"location: {v.path('')}")
+    out.print(f"location: {v.path('')}", soft_wrap=True, highlight=False)
     out.print(
         f"config {str(m.get('config_hash'))[:12]}  code {m.get('code_version')}  "
         f"taxonomy {m.get('taxonomy')}"

@@ -25,7 +25,7 @@ def print_summary(
     version = Store(config.store).open(version_id)
     manifest = version.manifest
     console.print(f"\n[bold]dataset version[/bold] {version_id}")
-    console.print(f"location: {version.path('')}")
+    console.print(f"location: {version.path('')}", soft_wrap=True, highlight=False)
     if elapsed_s is not None:
         console.print(f"built in {elapsed_s:.1f} s")
 
