@@ -25,7 +25,7 @@ from prefect.states import Completed
 from flows import progress
 from vlpref import heap, preflight, records
 from vlpref.config import RunConfig, load_config
-from vlpref.errors import BuildError, ConfigError
+from vlpref.errors import BuildError, ConfigError, NothingToPublish
 from vlpref.gctune import throughput_gc
 from vlpref.records import schema_fingerprint
 from vlpref.retry import check_policy, retryable_count
@@ -423,10 +423,27 @@ def build_dataset(
                 refs[branch_id] = {stage: futures[stage].result() for stage in STAGES}
             except Exception as exc:  # reported below; the flow fails after the artifact
                 failed.append(f"{branch_id}: {type(exc).__name__}: {exc}")
-        _report(run_config, leaves, refs, failed)
+        summary = _report(run_config, leaves, refs, failed)
         if failed:
             raise BuildError(failed, workspace=run_config.workspace)
+        if selected is None and not any(r["pairs"].counts.get("pairs") for r in refs.values()):
+            raise NothingToPublish(_nothing_to_publish(summary))
         return publish_version(run_config, taxonomy, leaves, refs, only=selected)
+
+
+def _nothing_to_publish(summary: RunSummary) -> str:
+    """Why a run has no pair, in a line: the stage that lost the most of its rows."""
+    worst = max(
+        (s for s in summary.stages if s.stage != "pairs" and s.n_failed),
+        key=lambda s: s.failure_rate,
+        default=None,
+    )
+    where = (
+        f"; {worst.stage} lost {worst.n_failed} of {worst.n_in} {worst.unit}"
+        if worst is not None
+        else ""
+    )
+    return f"nothing to publish: no branch produced a pair{where} (the summary above says why)"
 
 
 def _report(

@@ -6,6 +6,7 @@
     │   └── JudgeParseError  a judge's output does not follow the verdict protocol
     ├── JournalError         the request journal cannot be read or written
     ├── StoreError           the store refuses an operation (a version exists, a lock is held)
+    ├── NothingToPublish     every branch ran, and none produced a pair
     │                        or holds a damaged file (the message names it)
     ├── BuildError           branches of a build failed (each branch with its first cause)
     └── ProviderError        a model provider cannot be built or used at all
@@ -100,3 +101,8 @@ class ProviderError(VlprefError):
 
 class ProviderNotFound(ProviderError):
     """No built-in or plug-in provider is registered under the requested kind."""
+
+
+class NothingToPublish(VlprefError):
+    """Every branch ran and none produced a pair, so there is no version to write; the run
+    summary printed before this error says which stage lost the rows and why."""

@@ -70,7 +70,7 @@ def print_run_summary(summary: RunSummary, console: Console | None = None) -> No
     most common failure reasons with an example of each."""
     console = console or Console()
     for branch in summary.branches_failed:
-        console.print(f"branch failed: {branch}", markup=False, highlight=False)
+        console.print(f"branch failed: {branch}", markup=False, highlight=False, soft_wrap=True)
     stages = Table(title="rows in / out / failed per stage (all branches)")
     for column in ("stage", "unit", "in", "out", "failed", "sent", "journal"):
         stages.add_column(column, justify="left" if column in ("stage", "unit") else "right")
@@ -91,6 +91,7 @@ def print_run_summary(summary: RunSummary, console: Console | None = None) -> No
             f"warning: {alert.describe()}, over warn_failure_rate {summary.threshold:g}",
             markup=False,
             highlight=False,
+            soft_wrap=True,  # one line each, also when piped to a file
         )
     if summary.reasons:
         reasons = Table(title="most common failures", show_lines=False)

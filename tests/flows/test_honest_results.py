@@ -97,7 +97,7 @@ def test_a_run_where_every_judge_call_fails_says_why(
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ")
+    assert lines[-1].startswith("error: nothing to publish: no branch produced a pair; judge lost")
     assert "Traceback" not in proc.stderr
     out = proc.stderr + proc.stdout
     assert "rows in / out / failed per stage" in out
