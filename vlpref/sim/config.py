@@ -22,9 +22,17 @@ Example (YAML)::
           server_error: {rate: 0.1, max_per_request: 1}
           hang: {rate: 0.01, hang_s: 30}
         rate_limit: {rpm: 600, tpm: 200000}
+      sim-judge-drift:                        # answers in real judges' formats
+        persona: judge
+        styles: {canonical: 1, prose: 1, bold_label: 1, json: 1, fenced_json: 1, think: 1}
+        # or `styles: all`, or per kind: {pairwise: {brackets: 2, output: 1}, questions: all}
+        drop_logprobs: true                   # `logprobs: null` even when asked
+      sim-llama-guard: {persona: llama-guard} # also shieldgemma, md-judge
 
 A model's own `latency`, `faults` and `rate_limit` replace the global ones when set. A global
 `rate_limit` gives every model its own window with those limits (as OpenAI limits per model).
+`styles` (judge only) is documented in `vlpref.sim.styles`; the guard personas in
+`vlpref.sim.personas`; output constraints in `vlpref.sim.constraints`.
 """
 
 from __future__ import annotations
@@ -34,9 +42,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vlpref.errors import ConfigError
+from vlpref.sim.styles import normalise_styles
 
 PersonaName = Literal[
     "refuser",
@@ -47,6 +63,9 @@ PersonaName = Literal[
     "filtered",
     "echo",
     "judge",
+    "llama-guard",
+    "shieldgemma",
+    "md-judge",
 ]
 StyleName = Literal["refuser", "safe-helpful", "over-compliant", "jailbroken"]
 FaultKind = Literal["rate_limit", "server_error", "hang", "malformed"]
@@ -113,6 +132,10 @@ class ModelConfig(_Strict):
     filter_rate: float = Field(default=0.5, ge=0, le=1)  # filtered
     malformed_rate: float = Field(default=0.0, ge=0, le=1)  # judge, TASK: questions
     position_bias: float = Field(default=0.0, ge=0, le=1)  # judge, TASK: pairwise
+    # judge drift: `all`, a list of styles, style -> weight, or kind -> one of those
+    styles: str | list[str] | dict[str, Any] | None = None
+    # Answer `logprobs: null` even when the request asks for logprobs (many hosted APIs do).
+    drop_logprobs: bool = False
     # A request without `seed` is answered with a seed drawn from its body and arrival count:
     # sending it again gives another answer (temperature > 0), as hosted APIs do.
     nondeterministic: bool = False
@@ -126,6 +149,18 @@ class ModelConfig(_Strict):
             raise ValueError("weights must be >= 0")
         if self.weights and sum(self.weights.values()) <= 0:
             raise ValueError("weights must not all be zero")
+        return self
+
+    @field_validator("styles")
+    @classmethod
+    def _check_styles(cls, value: Any) -> Any:
+        normalise_styles(value)  # raises ValueError naming the problem
+        return value
+
+    @model_validator(mode="after")
+    def _check_styles_persona(self) -> ModelConfig:
+        if self.styles is not None and self.persona != "judge":
+            raise ValueError("styles apply to the judge persona only")
         return self
 
 

@@ -41,6 +41,44 @@ Faithfulness grows with the overlap of content words between response and questi
 P(unsafe) = sigmoid(1.6 * (3 - harmlessness)). Pairwise P(A) = sigmoid(1.5 * d) with
 d = (harmless_A - harmless_B) + 0.3 * (helpful_A - helpful_B). Temperature 0 takes the most
 likely decision token; otherwise it is sampled from the distribution sharpened by 1/T.
+
+Decisions first, writing second. Every persona first decides (an `Answer`: the decisions drawn
+from the choice RNG, a rationale, free fields), then writes it, in this order of precedence:
+  1. a content filter (persona `filtered`): empty content, finish_reason content_filter;
+  2. an output constraint in the request (`response_format` json_schema / json_object, vLLM's
+     `structured_outputs` choice / json): JSON valid against the schema, keys in its order,
+     or exactly one of the choices; never malformed, never drifted (`vlpref.sim.constraints`);
+  3. judge drift, the model's `styles` option: a style per choice drawn by weight after the
+     decisions, e.g. `**Verdict:** Unsafe`, fenced JSON, `<think>...</think>` first, `[[A]]`,
+     "Output (a)", "I prefer Response B", `**Helpfulness**: 3/5`, "4 out of 5", a markdown
+     table, `Aspect=4` (the catalogue and the config forms are in `vlpref.sim.styles`);
+  4. the canonical format above.
+So the decision never depends on the format: a drifting or constrained answer takes the
+decision the canonical answer takes for the same (model, messages, seed, choice, temperature).
+At temperature 0 that is the most likely option whatever the model's name; at T > 0 the model
+name is part of the seed, so compare a drifting judge with a canonical one under one name. In
+every format the decision token (" unsafe", " Unsafe", "B", "b", "4" inside JSON, ...) is its
+own token carrying the canonical distribution in top_logprobs, keyed as written. With
+`drop_logprobs: true` on the model the server answers `logprobs: null` even when asked.
+
+Guard personas read the request shapes of the guard protocols; the ground truth is the judge's
+belief about the RESPONSE (P(unsafe) = sigmoid(1.6 * (3 - harmlessness)), the same as TASK:
+safety for that response), or `question_harm` of the question when there is no response:
+  llama-guard   messages [user (image, question), assistant (response)]: a conversation may end
+                with the assistant turn, which is judged. Answers `safe` or `unsafe\nS1,S10`:
+                the (at most two) MLCommons hazard codes with the most cue words in question +
+                response (`hazard_codes`), else one of S1..S13 from a hash of the response.
+  shieldgemma   one user message from prompts/guard_shieldgemma.txt: the response between
+                `Chatbot Response: ` and `\n<end_of_turn>`, the question after `Human Question: `,
+                the policy after `* `. Answers `Yes` or `No`, then "\nThe Chatbot Response
+                (does not violate | violates) the above principle. <rationale>". P(Yes) adds a
+                per-policy logit shift in [-0.25, 0.25) (a hash of the policy's name).
+  md-judge      one text-only user message from prompts/guard_md_judge.txt: the question after
+                `User: `, the response between `Agent: ` and `\n<END CONVERSATION>`. Answers
+                `safe` or `unsafe\nO5`: the category O1..O6 with the most cue words, else one
+                from a hash of the response.
+The first token is the verdict; its top_logprobs hold both options (`safe`/`unsafe`, `Yes`/
+`No`). `guard_p_unsafe(persona, guard_view(persona, prompt))` is the probability reported.
 """
 
 from __future__ import annotations
@@ -52,13 +90,63 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
+
+from vlpref.sim import constraints, styles
+from vlpref.sim.answer import (
+    Answer,
+    Decision,
+    FinishReason,
+    Generation,
+    TextBuilder,
+    pick_token,
+)
+from vlpref.sim.constraints import Constraint
+
+__all__ = [
+    "DEFAULT_ASPECTS",
+    "GUARD_PERSONAS",
+    "STYLES",
+    "Answer",
+    "Belief",
+    "Constraint",
+    "Decision",
+    "FinishReason",
+    "Generation",
+    "GuardView",
+    "ImageInfo",
+    "PersonaSettings",
+    "Prompt",
+    "assess",
+    "choice_rng",
+    "content_words",
+    "generate",
+    "guard_p_unsafe",
+    "guard_view",
+    "hazard_codes",
+    "judge_answer",
+    "judge_generation",
+    "md_judge_category",
+    "pairwise_answer",
+    "pairwise_generation",
+    "parse_blocks",
+    "pick_token",
+    "prompt_digest",
+    "question_harm",
+    "questions_answer",
+    "questions_text",
+    "rating_answer",
+    "rating_distribution",
+    "rating_generation",
+    "safety_answer",
+    "safety_generation",
+    "shieldgemma_policy_shift",
+]
 
 STYLES: tuple[str, ...] = ("refuser", "safe-helpful", "over-compliant", "jailbroken")
 DEFAULT_ASPECTS: tuple[str, ...] = ("harmlessness", "helpfulness", "faithfulness")
 _RATING_SIGMA = 0.7
-
-FinishReason = Literal["stop", "content_filter"]
+GUARD_PERSONAS: tuple[str, ...] = ("llama-guard", "shieldgemma", "md-judge")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +166,8 @@ class PersonaSettings:
     filter_rate: float = 0.5
     malformed_rate: float = 0.0
     position_bias: float = 0.0
+    # judge drift: task kind -> style -> weight (`styles.normalise_styles`); empty: canonical
+    styles: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +177,8 @@ class Prompt:
     digest: bytes  # prompt_digest(model, messages)
     user_text: str  # text of the last user message
     images: tuple[ImageInfo, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Generation:
-    """One choice's text; `decisions` maps char offsets of decision tokens to distributions."""
-
-    text: str
-    finish_reason: FinishReason = "stop"
-    decisions: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+    # The text of the last message when it is an assistant turn (a guard judges it), else None.
+    response_text: str | None = None
 
 
 # ----------------------------------------------------------------------------- seeding
@@ -368,15 +451,6 @@ def rating_distribution(belief: float) -> dict[str, float]:
     return {str(k): w / total for k, w in zip(range(1, 6), ws, strict=True)}
 
 
-def pick_token(dist: Mapping[str, float], rng: random.Random, temperature: float) -> str:
-    """Argmax at temperature 0 (first listed wins ties), else a draw from p ** (1 / T)."""
-    if temperature <= 0:
-        return max(dist, key=lambda t: dist[t])
-    tokens = list(dist)
-    weights = [max(dist[t], 1e-12) ** (1.0 / temperature) for t in tokens]
-    return rng.choices(tokens, weights=weights)[0]
-
-
 # ----------------------------------------------------------------------------- judge tasks
 
 
@@ -417,8 +491,10 @@ def caption_text(blocks: Mapping[str, str], images: Sequence[ImageInfo], rng: ra
     return " ".join(sentences)
 
 
-def questions_text(blocks: Mapping[str, str], rng: random.Random, malformed_rate: float) -> str:
-    """TASK: questions - a JSON object, truncated for a `malformed_rate` fraction."""
+def questions_answer(
+    blocks: Mapping[str, str], rng: random.Random, malformed_rate: float
+) -> Answer:
+    """TASK: questions - the question object; `malformed` for a `malformed_rate` fraction."""
     parts = _class_parts(blocks)
     leaf = parts[-1] if parts else "this subject"
     kws = _keywords(blocks) or content_words(blocks.get("caption", ""))[:3] or [leaf]
@@ -447,16 +523,16 @@ def questions_text(blocks: Mapping[str, str], rng: random.Random, malformed_rate
             )
         ),
     }
-    text = json.dumps(obj, ensure_ascii=False)
-    if rng.random() < malformed_rate:
-        return text[: len(text) // 2]  # truncated JSON: never parses
-    return text
+    return Answer("questions", fields=obj, malformed=rng.random() < malformed_rate)
 
 
-def safety_generation(
-    blocks: Mapping[str, str], rng: random.Random, temperature: float
-) -> Generation:
-    """TASK: safety - `safe`/`unsafe` then a rationale."""
+def questions_text(blocks: Mapping[str, str], rng: random.Random, malformed_rate: float) -> str:
+    """TASK: questions - a JSON object, truncated for a `malformed_rate` fraction."""
+    return _canonical(questions_answer(blocks, rng, malformed_rate)).text
+
+
+def safety_answer(blocks: Mapping[str, str], rng: random.Random, temperature: float) -> Answer:
+    """TASK: safety - the verdict (`safe`/`unsafe`) and a rationale."""
     context = blocks.get("question", "") + "\n" + blocks.get("caption", "")
     if "response" in blocks:
         belief = assess(blocks["response"], context)
@@ -468,14 +544,20 @@ def safety_generation(
         )
     p_unsafe = _sigmoid(1.6 * (3.0 - harmless))
     dist = {"safe": 1.0 - p_unsafe, "unsafe": p_unsafe}
-    verdict = pick_token(dist, rng, temperature)
-    return Generation(f"{verdict}\nRationale: {why}", decisions={0: dist})
+    return Answer("safety", (Decision("verdict", dist, pick_token(dist, rng, temperature)),), why)
 
 
-def rating_generation(
-    blocks: Mapping[str, str], aspects: Sequence[str], rng: random.Random, temperature: float
+def safety_generation(
+    blocks: Mapping[str, str], rng: random.Random, temperature: float
 ) -> Generation:
-    """TASK: rating - one `Aspect: d` line per aspect, then a rationale."""
+    """TASK: safety - `safe`/`unsafe` then a rationale."""
+    return _canonical(safety_answer(blocks, rng, temperature))
+
+
+def rating_answer(
+    blocks: Mapping[str, str], aspects: Sequence[str], rng: random.Random, temperature: float
+) -> Answer:
+    """TASK: rating - one digit per aspect (drawn in order) and a rationale."""
     belief = assess(
         blocks.get("response", ""), blocks.get("question", "") + "\n" + blocks.get("caption", "")
     )
@@ -484,22 +566,25 @@ def rating_generation(
         "helpfulness": belief.helpful,
         "faithfulness": belief.faithful,
     }
-    text = ""
-    decisions: dict[int, Mapping[str, float]] = {}
+    decisions = []
     for aspect in aspects:
         centre = values.get(aspect.lower(), _clip(3.0 + _hash01("aspect", aspect) - 0.5))
         dist = rating_distribution(centre)
-        text += f"{aspect.capitalize()}: "
-        decisions[len(text)] = dist
-        text += pick_token(dist, rng, temperature) + "\n"
-    text += f"Rationale: {_RATIONALES[belief.cue]}"
-    return Generation(text, decisions=decisions)
+        decisions.append(Decision(aspect, dist, pick_token(dist, rng, temperature)))
+    return Answer("rating", tuple(decisions), _RATIONALES[belief.cue])
 
 
-def pairwise_generation(
-    blocks: Mapping[str, str], position_bias: float, rng: random.Random, temperature: float
+def rating_generation(
+    blocks: Mapping[str, str], aspects: Sequence[str], rng: random.Random, temperature: float
 ) -> Generation:
-    """TASK: pairwise - `A`/`B` then a rationale."""
+    """TASK: rating - one `Aspect: d` line per aspect, then a rationale."""
+    return _canonical(rating_answer(blocks, aspects, rng, temperature))
+
+
+def pairwise_answer(
+    blocks: Mapping[str, str], position_bias: float, rng: random.Random, temperature: float
+) -> Answer:
+    """TASK: pairwise - the winner (`A`/`B`) and a rationale."""
     context = blocks.get("question", "") + "\n" + blocks.get("caption", "")
     a = assess(blocks.get("response_a", ""), context)
     b = assess(blocks.get("response_b", ""), context)
@@ -514,50 +599,312 @@ def pairwise_generation(
         f"Response {verdict} is preferable: {_RATIONALES[win.cue]} "
         f"By contrast, response {other}: {_RATIONALES[lose.cue].lower()}"
     )
-    return Generation(f"{verdict}\nRationale: {why}", decisions={0: dist})
+    return Answer("pairwise", (Decision("winner", dist, verdict),), why)
 
 
-def judge_generation(
-    settings: PersonaSettings, prompt: Prompt, rng: random.Random, temperature: float
+def pairwise_generation(
+    blocks: Mapping[str, str], position_bias: float, rng: random.Random, temperature: float
 ) -> Generation:
+    """TASK: pairwise - `A`/`B` then a rationale."""
+    return _canonical(pairwise_answer(blocks, position_bias, rng, temperature))
+
+
+def _aspects_of(text: str, constraint: Constraint | None) -> list[str]:
+    """The ASPECTS line's aspects (default: the three), then any other integer property a JSON
+    schema constraint asks for (drawn after them, so the others' digits do not change)."""
+    am = _ASPECTS_RE.search(text)
+    aspects = [a.strip() for a in am.group(1).split(",") if a.strip()] if am else []
+    aspects = aspects or list(DEFAULT_ASPECTS)
+    if constraint is not None and constraint.schema is not None:
+        known = {a.lower() for a in aspects}
+        extra = constraints.schema_aspects(constraint.schema)
+        aspects += [n for n in extra if n.lower() not in known]
+    return aspects
+
+
+def judge_answer(
+    settings: PersonaSettings,
+    prompt: Prompt,
+    rng: random.Random,
+    temperature: float,
+    constraint: Constraint | None = None,
+) -> Answer:
     """Dispatch on the TASK line; unknown or missing tasks get a safe-helpful answer."""
     text = prompt.user_text
     m = _TASK_RE.search(text)
     task = m.group(1).lower() if m else ""
     blocks = parse_blocks(text)
     if task == "caption":
-        return Generation(caption_text(blocks, prompt.images, rng))
+        return Answer("caption", fields={"caption": caption_text(blocks, prompt.images, rng)})
     if task == "questions":
-        return Generation(questions_text(blocks, rng, settings.malformed_rate))
+        return questions_answer(blocks, rng, settings.malformed_rate)
     if task == "safety":
-        return safety_generation(blocks, rng, temperature)
+        return safety_answer(blocks, rng, temperature)
     if task == "rating":
-        am = _ASPECTS_RE.search(text)
-        aspects = [a.strip() for a in am.group(1).split(",") if a.strip()] if am else []
-        return rating_generation(blocks, aspects or DEFAULT_ASPECTS, rng, temperature)
+        return rating_answer(blocks, _aspects_of(text, constraint), rng, temperature)
     if task == "pairwise":
-        return pairwise_generation(blocks, settings.position_bias, rng, temperature)
-    return Generation(safe_helpful_text(content_words(_question_of(text)), rng))
+        return pairwise_answer(blocks, settings.position_bias, rng, temperature)
+    return _text_answer(safe_helpful_text(content_words(_question_of(text)), rng))
+
+
+def judge_generation(
+    settings: PersonaSettings, prompt: Prompt, rng: random.Random, temperature: float
+) -> Generation:
+    """The judge's canonical answer (see the module docstring)."""
+    return _canonical(judge_answer(settings, prompt, rng, temperature))
+
+
+# ----------------------------------------------------------------------------- guard personas
+
+
+@dataclass(frozen=True, slots=True)
+class GuardView:
+    """What a guard persona reads from its request."""
+
+    question: str
+    response: str | None  # None: the prompt alone is classified
+    policy: str = ""  # shieldgemma: the principle after "* "
+
+
+def _between(text: str, start: str, end: str, *, after: str = "") -> str | None:
+    """The stripped text between `start` and the next `end` (or the end), searched after
+    `after`; None when `start` is absent."""
+    base = text.find(after) + len(after) if after and after in text else 0
+    i = text.find(start, base)
+    if i < 0:
+        return None
+    i += len(start)
+    j = text.find(end, i)
+    return (text[i:j] if j >= 0 else text[i:]).strip()
+
+
+def guard_view(persona: str, prompt: Prompt) -> GuardView:
+    """The question, response and policy a guard persona judges.
+
+    llama-guard: the last user message's text and the final assistant turn (if any);
+    shieldgemma: `Human Question: `, `Chatbot Response: ` (each up to `\n<end_of_turn>`) and the
+    policy after `* ` (up to a blank line); md-judge: `User: ` (up to `\nAgent: `) and
+    `Agent: ` (up to `\n<END CONVERSATION>`) after `<BEGIN CONVERSATION>`.
+    """
+    text = prompt.user_text
+    if persona == "shieldgemma":
+        question = _between(text, "Human Question: ", "\n<end_of_turn>")
+        response = _between(text, "Chatbot Response: ", "\n<end_of_turn>")
+        policy = _between(text, "\n* ", "\n\n") or ""
+        return GuardView(question if question is not None else text, response, policy)
+    if persona == "md-judge":
+        conv = "<BEGIN CONVERSATION>"
+        question = _between(text, "User: ", "\nAgent: ", after=conv)
+        response = _between(text, "Agent: ", "\n<END CONVERSATION>", after=conv)
+        return GuardView(question if question is not None else text, response)
+    response = prompt.response_text.strip() if prompt.response_text is not None else None
+    return GuardView(text.strip(), response)
+
+
+_POLICY_SHIFT = 0.5
+
+
+def shieldgemma_policy_shift(policy: str) -> float:
+    """ShieldGemma's per-policy logit shift, in [-0.25, 0.25): a hash of the policy's name (the
+    text before its first ':', without quotes or asterisks)."""
+    name = policy.split(":", 1)[0].strip(" \"'*").lower()
+    return _POLICY_SHIFT * (_hash01("shieldgemma-policy", name) - 0.5) if name else 0.0
+
+
+def guard_p_unsafe(persona: str, view: GuardView) -> float:
+    """P(unsafe) (shieldgemma: P(Yes)) of a guard: the judge's belief about the response,
+    sigmoid(1.6 * (3 - harmlessness)), or about the question when there is no response;
+    shieldgemma adds its policy's shift to the logit."""
+    if view.response is not None:
+        harmless = assess(view.response, view.question).harmless
+    else:
+        harmless = question_harm(view.question)
+    logit = 1.6 * (3.0 - harmless)
+    if persona == "shieldgemma":
+        logit += shieldgemma_policy_shift(view.policy)
+    return _sigmoid(logit)
+
+
+# MLCommons hazard codes (Llama Guard 3) and the words that point to them.
+_HAZARD_CUES: tuple[tuple[str, frozenset[str]], ...] = tuple(
+    (code, frozenset(words.split()))
+    for code, words in (
+        ("S1", "kill killing murder assault attack stab shoot kidnap threaten threat threats "
+               "violence violent knife knives hurt injure"),
+        ("S2", "steal stealing theft fraud scam hack hacking launder laundering counterfeit "
+               "smuggle burglary drug drugs lock locks shoplift"),
+        ("S3", "trafficking prostitution grooming"),
+        ("S5", "defamation defame slander libel rumor rumour rumors rumours"),
+        ("S6", "medical dosage diagnosis prescription lawyer legal investment"),
+        ("S7", "privacy address phone dox doxx stalk stalking surveillance track tracking spy"),
+        ("S8", "copyright piracy pirate torrent trademark plagiarism"),
+        ("S9", "bomb bombs explosive explosives nerve anthrax bioweapon chemical nuclear "
+               "radiological weapon weapons weaponize"),
+        ("S10", "hate racist racism slur slurs bigot nazi supremacist"),
+        ("S11", "suicide self-harm overdose"),
+        ("S12", "porn pornography nude nudes explicit sexual"),
+        ("S13", "election elections ballot ballots vote voting voter"),
+        ("S14", "interpreter shell malware payload"),
+    )
+)  # fmt: skip
+# MD-Judge's categories (the order of guard_md_judge.txt) and their cue words.
+_MD_CUES: tuple[tuple[str, frozenset[str]], ...] = tuple(
+    (code, frozenset(words.split()))
+    for code, words in (
+        ("O1", "hate racist racism slur slurs toxic insult insults harass harassment "
+               "stereotype stereotypes discriminate discrimination"),
+        ("O2", "misinformation disinformation fake conspiracy hoax rumor rumour propaganda"),
+        ("O3", "gambling loan loans investment job jobs labor labour wages"),
+        ("O4", "privacy address phone dox doxx stalk surveillance track tracking medical "
+               "dosage"),
+        ("O5", "weapon weapons bomb explosive explosives hack hacking malware steal fraud scam "
+               "drug drugs poison kill attack threaten threat knife knives launder counterfeit "
+               "smuggle exploit"),
+        ("O6", "manipulate manipulation blackmail coerce coercion suicide self-harm persuade"),
+    )
+)  # fmt: skip
+
+
+def _cue_hits(view: GuardView, table: tuple[tuple[str, frozenset[str]], ...]) -> list[int]:
+    words = content_words(view.question + "\n" + (view.response or ""), limit=256)
+    return [sum(1 for w in words if w in cues) for _, cues in table]
+
+
+def hazard_codes(view: GuardView) -> list[str]:
+    """Llama Guard's hazard codes for an unsafe answer: the (at most two) codes with the most
+    cue words in question + response, in code order; with no cue, one code S1..S13 from a hash
+    of the response (of the question when there is none)."""
+    hits = _cue_hits(view, _HAZARD_CUES)
+    ranked = sorted((-h, i) for i, h in enumerate(hits) if h > 0)[:2]
+    if ranked:
+        return [_HAZARD_CUES[i][0] for _, i in sorted(ranked, key=lambda t: t[1])]
+    subject = view.response if view.response is not None else view.question
+    return [f"S{1 + int(_hash01('llama-guard', subject) * 13)}"]
+
+
+def md_judge_category(view: GuardView) -> str:
+    """MD-Judge's one category: the one with the most cue words (the lower code on a tie); with
+    no cue, O1..O6 from a hash of the response (of the question when there is none)."""
+    hits = _cue_hits(view, _MD_CUES)
+    if max(hits) > 0:
+        return _MD_CUES[hits.index(max(hits))][0]
+    subject = view.response if view.response is not None else view.question
+    return f"O{1 + int(_hash01('md-judge', subject) * 6)}"
+
+
+def guard_answer(persona: str, prompt: Prompt, rng: random.Random, temperature: float) -> Answer:
+    """A guard persona's decision; see the module docstring for the formats."""
+    view = guard_view(persona, prompt)
+    p = guard_p_unsafe(persona, view)
+    if view.response is not None:
+        why = _RATIONALES[assess(view.response, view.question).cue]
+    else:
+        why = "The request " + (
+            "seeks potentially harmful assistance." if p > 0.5 else "appears benign."
+        )
+    if persona == "shieldgemma":
+        dist = {"No": 1.0 - p, "Yes": p}
+        said = pick_token(dist, rng, temperature)
+        subject = "Chatbot Response" if view.response is not None else "Human Question"
+        verb = "violates" if said == "Yes" else "does not violate"
+        return Answer(
+            persona,
+            (Decision("violation", dist, said),),
+            f"The {subject} {verb} the above principle. {why}",
+        )
+    dist = {"safe": 1.0 - p, "unsafe": p}
+    verdict = pick_token(dist, rng, temperature)
+    fields: dict[str, str] = {}
+    if verdict == "unsafe":
+        category = md_judge_category(view) if persona == "md-judge" else None
+        fields["categories"] = category or ",".join(hazard_codes(view))
+    return Answer(persona, (Decision("verdict", dist, verdict),), fields=fields)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _text_answer(text: str) -> Answer:
+    return Answer("text", fields={"response": text})
+
+
+def _canonical(answer: Answer) -> Generation:
+    """The answer in the protocol's own format (the module docstring's)."""
+    kind = answer.kind
+    if kind == "questions":
+        text = json.dumps(dict(answer.fields), ensure_ascii=False)
+        return Generation(text[: len(text) // 2] if answer.malformed else text)
+    if kind in ("caption", "text"):
+        return Generation(next(iter(answer.fields.values()), ""))
+    b = TextBuilder()
+    if kind == "rating":
+        for d in answer.decisions:
+            b.add(f"{d.name.capitalize()}: ").decide(d).add("\n")
+        return b.add(f"Rationale: {answer.rationale}").build()
+    b.decide(answer.decisions[0])
+    if kind in ("safety", "pairwise"):
+        b.add(f"\nRationale: {answer.rationale}")
+    elif kind == "shieldgemma":
+        b.add(f"\n{answer.rationale}")
+    elif "categories" in answer.fields:  # llama-guard, md-judge
+        b.add("\n" + answer.fields["categories"])
+    return b.build()
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def generate(
-    settings: PersonaSettings, prompt: Prompt, *, seed: int, index: int, temperature: float
-) -> Generation:
-    """Choice `index` of `settings.persona` for `prompt`; deterministic."""
-    rng = choice_rng(prompt.digest, seed, index, temperature)
+def _answer(
+    settings: PersonaSettings,
+    prompt: Prompt,
+    rng: random.Random,
+    temperature: float,
+    constraint: Constraint | None,
+) -> tuple[Answer, Generation]:
+    """What the persona decides, and its canonical rendering."""
     persona = settings.persona
     if persona == "judge":
-        return judge_generation(settings, prompt, rng, temperature)
+        answer = judge_answer(settings, prompt, rng, temperature, constraint)
+        return answer, _canonical(answer)
+    if persona in GUARD_PERSONAS:
+        answer = guard_answer(persona, prompt, rng, temperature)
+        return answer, _canonical(answer)
     if persona == "echo":
-        return Generation(prompt.user_text)
+        answer = _text_answer(prompt.user_text)
+        return answer, _canonical(answer)
     words = content_words(_question_of(prompt.user_text))
     if persona == "filtered":
         if rng.random() < settings.filter_rate:
-            return Generation("", "content_filter")
+            return _text_answer(""), Generation("", "content_filter")
         persona = "safe-helpful"
     elif persona == "mixed":
         persona = _weighted_style(settings.weights, rng)
-    return Generation(_STYLE_FUNCS[persona](words, rng))
+    answer = _text_answer(_STYLE_FUNCS[persona](words, rng))
+    return answer, _canonical(answer)
+
+
+def generate(
+    settings: PersonaSettings,
+    prompt: Prompt,
+    *,
+    seed: int,
+    index: int,
+    temperature: float,
+    constraint: Constraint | None = None,
+) -> Generation:
+    """Choice `index` of `settings.persona` for `prompt`; deterministic.
+
+    A constraint wins over drift; a content filter wins over a constraint. The style is drawn
+    after the decisions, so the decisions never depend on it.
+    """
+    rng = choice_rng(prompt.digest, seed, index, temperature)
+    answer, canonical = _answer(settings, prompt, rng, temperature, constraint)
+    if canonical.finish_reason == "content_filter":
+        return canonical
+    if constraint is not None:
+        return constraints.render(answer, constraint, rng, temperature)
+    weights = settings.styles.get(answer.kind)
+    if not weights:
+        return canonical
+    style = styles.draw_style(weights, rng)
+    return styles.render(answer, canonical, style, rng)

@@ -5,7 +5,13 @@ endpoints GET /sim/counters, GET /sim/requests, POST /sim/reset.
 
 Images: data URLs are base64-decoded and verified with Pillow; http(s) image URLs are
 accepted but never fetched (the sim runs offline), so they carry no size. Streaming is not
-supported (400). `top_p` and `stop` are accepted and ignored.
+supported (400). `top_p` and `stop` are accepted and ignored. A conversation may end with an
+assistant turn (the guard personas judge it).
+
+Output constraints (`response_format` json_schema / json_object, vLLM's `structured_outputs`
+choice / json) are honoured as OpenAI and vLLM honour them and checked as they check them (a
+400 for a bad one): see `vlpref.sim.constraints`. A model with `drop_logprobs: true` answers
+`logprobs: null` even when asked, as many hosted APIs do.
 
 Counters and the request log get one entry per arrival at the chat endpoint, written when the
 request finishes: `t` is the arrival time (time.monotonic(), comparable across processes on
@@ -40,8 +46,9 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from vlpref.sim import personas
+from vlpref.sim import personas, styles
 from vlpref.sim.config import FaultKind, FaultSpec, LatencyConfig, SimConfig
+from vlpref.sim.constraints import Constraint, ConstraintError, parse_constraint
 from vlpref.sim.faults import (
     GENEROUS_HEADERS,
     FaultBook,
@@ -119,6 +126,8 @@ class ChatRequest:
     user_text: str
     prompt_tokens: int
     images: tuple[personas.ImageInfo, ...]
+    constraint: Constraint | None = None  # response_format / structured_outputs
+    response_text: str | None = None  # the final message's text when it is an assistant turn
 
 
 @dataclass(slots=True)
@@ -208,11 +217,13 @@ class ImageCache:
 
 def _scan_messages(
     messages: list[Any], images: ImageCache
-) -> tuple[list[str], str, list[personas.ImageInfo]]:
-    """All text parts, the last user message's text, and the images."""
+) -> tuple[list[str], str, list[personas.ImageInfo], str | None]:
+    """All text parts, the last user message's text, the images, and the final message's text
+    when it is an assistant turn (a conversation for a guard to judge)."""
     texts: list[str] = []
     infos: list[personas.ImageInfo] = []
     user_text = ""
+    final_assistant: str | None = None
     for msg in messages:
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
             raise ApiError(400, "Each message needs a string 'role'.", param="messages")
@@ -228,7 +239,8 @@ def _scan_messages(
         texts.extend(own)
         if msg["role"] == "user":
             user_text = "\n".join(own)
-    return texts, user_text, infos
+        final_assistant = "\n".join(own) if msg["role"] == "assistant" else None
+    return texts, user_text, infos, final_assistant
 
 
 def _scan_part(
@@ -270,7 +282,11 @@ def parse_chat(body: bytes, config: SimConfig, images: ImageCache) -> ChatReques
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
-    texts, user_text, infos = _scan_messages(messages, images)
+    texts, user_text, infos, final_assistant = _scan_messages(messages, images)
+    try:
+        constraint = parse_constraint(data)
+    except ConstraintError as exc:
+        raise ApiError(400, exc.message, param=exc.param, code=exc.code) from exc
     _float_field(data, "top_p", 1.0, 0.0, 1.0)  # validated, then ignored
     max_tokens = _int_field(data, "max_completion_tokens", None, 1, 10**7)
     if max_tokens is None:
@@ -297,6 +313,8 @@ def parse_chat(body: bytes, config: SimConfig, images: ImageCache) -> ChatReques
         user_text=user_text,
         prompt_tokens=sum(len(tokenize(t)) for t in texts) + config.image_tokens * len(infos),
         images=tuple(infos),
+        constraint=constraint,
+        response_text=final_assistant,
     )
 
 
@@ -304,11 +322,20 @@ def parse_chat(body: bytes, config: SimConfig, images: ImageCache) -> ChatReques
 
 
 def _choice(
-    settings: personas.PersonaSettings, req: ChatRequest, prompt: personas.Prompt, index: int
+    settings: personas.PersonaSettings,
+    req: ChatRequest,
+    prompt: personas.Prompt,
+    index: int,
+    drop_logprobs: bool,
 ) -> tuple[dict[str, Any], int]:
     """One entry of `choices` and its completion token count."""
     gen = personas.generate(
-        settings, prompt, seed=req.seed, index=index, temperature=req.temperature
+        settings,
+        prompt,
+        seed=req.seed,
+        index=index,
+        temperature=req.temperature,
+        constraint=req.constraint,
     )
     tokens = tokenize(gen.text)
     text: str = gen.text
@@ -317,7 +344,7 @@ def _choice(
         tokens = tokens[: req.max_tokens]
         text, finish = "".join(tokens), "length"
     logprobs = None
-    if req.logprobs:
+    if req.logprobs and not drop_logprobs:
         rng = personas.choice_rng(prompt.digest, req.seed + 1, index, req.temperature)
         logprobs = build_logprobs(tokens, gen.decisions, req.top_logprobs, rng)
     choice = {
@@ -330,18 +357,24 @@ def _choice(
 
 
 def complete(
-    settings: personas.PersonaSettings, req: ChatRequest, completion_id: str
+    settings: personas.PersonaSettings,
+    req: ChatRequest,
+    completion_id: str,
+    *,
+    drop_logprobs: bool = False,
 ) -> dict[str, Any]:
-    """The full chat.completion object."""
+    """The full chat.completion object; `drop_logprobs` answers `logprobs: null` even when the
+    request asks for them (as many hosted APIs do)."""
     prompt = personas.Prompt(
         digest=personas.prompt_digest(req.model, req.messages),
         user_text=req.user_text,
         images=req.images,
+        response_text=req.response_text,
     )
     choices = []
     completion_tokens = 0
     for j in range(req.n):
-        choice, used = _choice(settings, req, prompt, j)
+        choice, used = _choice(settings, req, prompt, j, drop_logprobs)
         choices.append(choice)
         completion_tokens += used
     return {
@@ -371,6 +404,7 @@ class ModelRuntime:
     faults: dict[FaultKind, FaultSpec]
     window: SlidingWindow | None
     nondeterministic: bool = False
+    drop_logprobs: bool = False
 
 
 class SimState:
@@ -390,11 +424,13 @@ class SimState:
                     filter_rate=mc.filter_rate,
                     malformed_rate=mc.malformed_rate,
                     position_bias=mc.position_bias,
+                    styles=styles.normalise_styles(mc.styles),
                 ),
                 latency=config.latency_for(name),
                 faults=config.faults_for(name),
                 window=SlidingWindow(limits) if limits is not None else None,
                 nondeterministic=mc.nondeterministic,
+                drop_logprobs=mc.drop_logprobs,
             )
         self.log: deque[tuple[float, str, int, str | None]] = deque(maxlen=config.request_log_size)
         self._next_id = 0
@@ -530,7 +566,7 @@ async def _handle_chat(request: web.Request, state: SimState, arrival: Arrival) 
     if fault == "server_error":
         await _sleep(delay)
         return _server_error()
-    payload = complete(rt.settings, req, state.new_id())
+    payload = complete(rt.settings, req, state.new_id(), drop_logprobs=rt.drop_logprobs)
     if entry is not None and rt.window is not None:
         rt.window.settle(entry, payload["usage"]["total_tokens"])
     data = _dumps(payload)
