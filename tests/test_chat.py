@@ -1,11 +1,13 @@
 import base64
 import hashlib
+from typing import Any
 
 import pytest
 
 from vlpref.chat import (
     ImagePart,
     Message,
+    OutputConstraint,
     Sample,
     SampleUsage,
     SamplingParams,
@@ -85,3 +87,54 @@ def test_a_shared_sample_carries_no_tokens_and_keeps_its_call() -> None:
     share = SampleUsage("c", 4, 3, True)
     assert share.shared() == SampleUsage("c", 0, 0, False)
     assert share.usage == Usage(4, 3) and Usage(1, 2) + Usage(3, 4) == Usage(4, 6)
+
+
+RATING_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "harmlessness": {"type": "integer", "minimum": 1, "maximum": 5},
+        "helpfulness": {"type": "integer", "minimum": 1, "maximum": 5},
+        "rationale": {"type": "string"},
+    },
+    "required": ["harmlessness", "helpfulness", "rationale"],
+    "additionalProperties": False,
+}
+
+
+def test_a_json_schema_constraint_keeps_the_schema_and_its_key_order() -> None:
+    c = OutputConstraint.json_schema("rating", RATING_SCHEMA)
+    assert (c.kind, c.name, c.choices) == ("json_schema", "rating", ())
+    assert c.schema == RATING_SCHEMA and c.schema is not c.schema  # a fresh dict each time
+    assert list(c.schema["properties"]) == ["harmlessness", "helpfulness", "rationale"]
+    assert " " not in c.schema_json  # compact text
+    assert c.keyed() == {"kind": "json_schema", "name": "rating", "schema": c.schema_json}
+    assert c == OutputConstraint.json_schema("rating", dict(RATING_SCHEMA))  # a value
+    assert hash(c) == hash(OutputConstraint.json_schema("rating", RATING_SCHEMA))
+    reordered = {**RATING_SCHEMA, "properties": dict(reversed(RATING_SCHEMA["properties"].items()))}
+    assert OutputConstraint.json_schema("rating", reordered) != c  # the order is the answer's
+
+
+def test_a_choice_constraint() -> None:
+    c = OutputConstraint.choice("safe", "unsafe")
+    assert (c.kind, c.choices, c.schema_json, c.schema) == ("choice", ("safe", "unsafe"), "", {})
+    assert c.keyed() == {"kind": "choice", "choices": ["safe", "unsafe"]}
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: OutputConstraint.choice(), "one or more"),
+        (lambda: OutputConstraint.choice("safe", ""), "one or more"),
+        (lambda: OutputConstraint.choice("A", "A"), "repeated"),
+        (lambda: OutputConstraint.json_schema("a b", {"type": "object"}), "schema name"),
+        (lambda: OutputConstraint.json_schema("x" * 65, {"type": "object"}), "schema name"),
+        (lambda: OutputConstraint("json_schema", schema_json="{"), "not JSON"),
+        (lambda: OutputConstraint("json_schema", schema_json="[1]"), "JSON object"),
+        (lambda: OutputConstraint("json_schema", schema_json="{}", choices=("a",)), "no choices"),
+        (lambda: OutputConstraint("choice", schema_json="{}", choices=("a",)), "no schema"),
+        (lambda: OutputConstraint("regex", choices=("a",)), "unknown"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_malformed_constraint_is_refused(make: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()  # type: ignore[operator]

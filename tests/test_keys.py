@@ -3,7 +3,7 @@ from dataclasses import replace
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vlpref.chat import ChatRequest, ImagePart, Message, SamplingParams
+from vlpref.chat import ChatRequest, ImagePart, Message, OutputConstraint, SamplingParams
 from vlpref.keys import request_fingerprint, sample_key, sample_keys, unique_ids
 
 IMAGE = ImagePart(data=b"\x89PNG one image")
@@ -48,6 +48,32 @@ def test_key_changes_with_everything_that_changes_the_answer() -> None:
         ),
     ]
     assert len({base, *variants}) == len(variants) + 1
+
+
+def test_an_unconstrained_key_is_the_one_from_before_constraints_existed() -> None:
+    # Computed with vlpref/keys.py as of commit e0e4e3c, before `ChatRequest.constraint`: every
+    # journal written until then must keep answering.
+    pinned = "3a25a8a9192c0e28f6a362307f3221b46ee263545e5b64e781e015ef09900e9c"
+    assert request_fingerprint("openai", make()) == pinned
+    assert request_fingerprint("openai", make(constraint=None)) == pinned
+
+
+def test_a_constraint_is_part_of_the_request() -> None:
+    schema = {"type": "object", "properties": {"verdict": {"enum": ["safe", "unsafe"]}}}
+    reordered = {"properties": schema["properties"], "type": "object"}
+    keys = [
+        request_fingerprint("openai", make()),
+        request_fingerprint("openai", make(constraint=OutputConstraint.json_schema("s", schema))),
+        request_fingerprint("openai", make(constraint=OutputConstraint.choice("safe", "unsafe"))),
+        request_fingerprint("openai", make(constraint=OutputConstraint.choice("unsafe", "safe"))),
+        request_fingerprint("openai", make(constraint=OutputConstraint.json_schema("t", schema))),
+        request_fingerprint(
+            "openai", make(constraint=OutputConstraint.json_schema("s", reordered))
+        ),
+    ]
+    assert len(set(keys)) == len(keys)
+    again = make(id="other", constraint=OutputConstraint.json_schema("s", dict(schema)))
+    assert request_fingerprint("openai", again) == keys[1]
 
 
 def test_image_enters_the_key_by_content_hash_not_by_transport() -> None:

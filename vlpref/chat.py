@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Sequence
+import json
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -122,13 +124,86 @@ class SamplingParams:
         return {k: v for k, v in out.items() if v is not None}
 
 
+_SCHEMA_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what OpenAI accepts as a schema's name
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConstraint:
+    """Asks the endpoint to constrain the answer's text (structured outputs).
+
+    - `json_schema`: the answer is a JSON object valid against `schema`. `schema_json` is the
+      schema as compact JSON text with its keys in the caller's order: property order is part of
+      the request (a grammar-constrained model writes the properties in that order), so two
+      schemas that differ only in key order are two requests.
+    - `choice`: the answer is exactly one of `choices`.
+
+    How each endpoint kind enforces it, and which token logprobs a constrained answer carries, is
+    in the README (section "Structured outputs"). It enters the request key (`keyed()`), so a
+    constrained request never shares journal entries with an unconstrained one.
+    """
+
+    kind: Literal["json_schema", "choice"]
+    name: str = "answer"  # json_schema: the schema's name (OpenAI requires one)
+    schema_json: str = ""  # json_schema: the JSON schema as compact JSON text (hashable)
+    choices: tuple[str, ...] = ()  # choice: the exact strings the answer must be one of
+
+    def __post_init__(self) -> None:
+        if self.kind == "json_schema":
+            if not _SCHEMA_NAME_RE.fullmatch(self.name):
+                raise ValueError(
+                    f"schema name {self.name!r}: 1-64 letters, digits, '_' or '-' (OpenAI's rule)"
+                )
+            if self.choices:
+                raise ValueError("a json_schema constraint has no choices")
+            try:
+                schema = json.loads(self.schema_json)
+            except ValueError as exc:
+                raise ValueError(f"schema_json is not JSON: {exc}") from exc
+            if not isinstance(schema, dict):
+                raise ValueError("schema_json must hold a JSON object (a JSON schema)")
+        elif self.kind == "choice":
+            if not self.choices or not all(isinstance(c, str) and c for c in self.choices):
+                raise ValueError("a choice constraint needs one or more non-empty strings")
+            if len(set(self.choices)) != len(self.choices):
+                raise ValueError(f"repeated choices: {list(self.choices)}")
+            if self.schema_json:
+                raise ValueError("a choice constraint has no schema")
+        else:
+            raise ValueError(f"unknown constraint kind {self.kind!r}")
+
+    @classmethod
+    def json_schema(cls, name: str, schema: Mapping[str, Any]) -> OutputConstraint:
+        """The answer must be a JSON value valid against `schema` (keys kept in their order)."""
+        text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return cls("json_schema", name=name, schema_json=text)
+
+    @classmethod
+    def choice(cls, *options: str) -> OutputConstraint:
+        """The answer must be exactly one of `options`."""
+        return cls("choice", choices=tuple(options))
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        """The JSON schema (a fresh dict each time; empty for a choice constraint)."""
+        return json.loads(self.schema_json) if self.schema_json else {}
+
+    def keyed(self) -> dict[str, Any]:
+        """What enters the request key. The schema goes in as its text, so its key order counts
+        (the request key's own JSON sorts keys; a schema dict there would lose the order)."""
+        if self.kind == "json_schema":
+            return {"kind": self.kind, "name": self.name, "schema": self.schema_json}
+        return {"kind": self.kind, "choices": list(self.choices)}
+
+
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     """One chat-completion call asking for `params.n` samples.
 
     `id` is the caller's handle for the request (a response or judgment id); it does not enter the
     request key. `prompt_version` is the hash of the template that rendered the messages, so a
-    changed template is a different request.
+    changed template is a different request. `constraint` asks the endpoint for structured output
+    (a JSON schema or a choice); it enters the key only when set, so unconstrained keys are those
+    of before it existed.
     """
 
     id: str
@@ -136,6 +211,7 @@ class ChatRequest:
     messages: tuple[Message, ...]
     params: SamplingParams = SamplingParams()
     prompt_version: str = ""
+    constraint: OutputConstraint | None = None
 
 
 @dataclass(frozen=True, slots=True)

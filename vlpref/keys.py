@@ -1,7 +1,8 @@
 """Request keys: what makes two requests "the same" for the journal.
 
 A sample's key is the sha256 of (provider identity, model id, sampling params except `n`, the
-messages with every image replaced by its content hash, prompt version, sample index). Anything
+messages with every image replaced by its content hash, prompt version, the output constraint when
+there is one, sample index). Anything
 that can change the answer is in it; nothing that cannot (the caller's request id, the endpoint's
 URL or port, the API key) is.
 """
@@ -42,6 +43,8 @@ def request_fingerprint(provider_id: str, request: ChatRequest) -> str:
         "messages": [_canonical_message(m) for m in request.messages],
         "prompt_version": request.prompt_version,
     }
+    if request.constraint is not None:  # absent when unset: keys from before it stay valid
+        payload["constraint"] = request.constraint.keyed()
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
