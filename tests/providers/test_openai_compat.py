@@ -7,18 +7,26 @@ its request counters prove how many attempts reached it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from vlpref.chat import ChatRequest, ChatResult, ImagePart, Message, SamplingParams
+from vlpref.chat import (
+    ChatRequest,
+    ChatResult,
+    ImagePart,
+    Message,
+    OutputConstraint,
+    SamplingParams,
+)
 from vlpref.providers import complete_all, create_provider
-from vlpref.providers.openai_compat import OpenAICompatProvider
+from vlpref.providers.openai_compat import OpenAICompatOptions, OpenAICompatProvider
 from vlpref.sim.testing import SimServer
 
 ONCE = {"rate": 1.0, "max_per_request": 1}
@@ -377,3 +385,208 @@ async def test_idempotency_keys_are_ours_and_shared_by_a_requests_attempts(
     assert all(r.ok and r.attempts == 2 for r in results), [r.failure for r in results]
     assert len(seen) == 6 and all(key and key.startswith("vlpref-") for key in seen)
     assert len(set(seen)) == 3  # one key per request, reused by its retry
+
+
+# -- structured outputs ------------------------------------------------------------------------
+
+OK_BODY = {
+    "choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+}
+SAFETY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "verdict": {"type": "string", "enum": ["safe", "unsafe"]},
+        "rationale": {"type": "string", "maxLength": 200},
+    },
+    "required": ["verdict", "rationale"],
+    "additionalProperties": False,
+}
+
+
+@contextlib.asynccontextmanager
+async def capturing_server(
+    respond: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
+) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A loopback chat-completions endpoint that records every body it is sent; `respond` may
+    answer instead of the default one-choice completion. Yields (base_url, bodies)."""
+    from aiohttp import web
+
+    bodies: list[dict[str, Any]] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        bodies.append(body)
+        answer = await respond(body) if respond is not None else None
+        return answer if answer is not None else web.json_response(OK_BODY)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", bodies
+    finally:
+        await runner.cleanup()
+
+
+def constrained(rid: str, constraint: OutputConstraint | None) -> ChatRequest:
+    return ChatRequest(rid, "m", (Message.user("judge this"),), constraint=constraint)
+
+
+@pytest.mark.parametrize("dialect", ["auto", "vllm", "openai", "none"])
+async def test_constraints_on_the_wire(dialect: str) -> None:
+    """A JSON schema goes out as OpenAI's strict `response_format` (vLLM's server reads it too);
+    a choice as vLLM's `structured_outputs` key, only where the dialect has it; an unconstrained
+    request's body has neither key."""
+    batch = [
+        constrained("schema", OutputConstraint.json_schema("safety", SAFETY_SCHEMA)),
+        constrained("choice", OutputConstraint.choice("safe", "unsafe")),
+        constrained("plain", None),
+    ]
+    async with capturing_server() as (base_url, bodies):
+        p = create_provider(
+            "openai", {"base_url": base_url, "concurrency": 1, "structured_dialect": dialect}
+        )
+        assert isinstance(p, OpenAICompatProvider)
+        results = await run(p, batch)
+    assert all(r.ok for r in results)
+    schema_body, choice_body, plain_body = bodies  # concurrency 1: in batch order
+    extra = {k: v for k, v in schema_body.items() if k not in ("model", "messages")}
+    if dialect == "none":
+        assert extra == {}
+    else:
+        assert extra == {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "safety", "strict": True, "schema": SAFETY_SCHEMA},
+            }
+        }
+        # The schema's key order reaches the endpoint as the caller wrote it.
+        sent = schema_body["response_format"]["json_schema"]["schema"]["properties"]
+        assert list(sent) == ["verdict", "rationale"]
+    extra = {k: v for k, v in choice_body.items() if k not in ("model", "messages")}
+    if dialect in ("auto", "vllm"):  # auto: a loopback server is no OpenAI
+        assert extra == {"structured_outputs": {"choice": ["safe", "unsafe"]}}
+    else:
+        assert extra == {}
+    assert set(plain_body) == {"model", "messages"}
+
+
+@pytest.mark.parametrize(
+    ("base_url", "dialect"),
+    [
+        ("https://api.openai.com/v1", "openai"),
+        ("https://my-team.openai.azure.com/openai/v1", "openai"),
+        ("http://127.0.0.1:8000/v1", "vllm"),
+        ("https://api.together.xyz/v1", "vllm"),
+    ],
+)
+def test_the_auto_dialect_follows_the_host(base_url: str, dialect: str) -> None:
+    assert OpenAICompatOptions(base_url=base_url).dialect == dialect
+    assert OpenAICompatOptions(base_url=base_url, structured_dialect="none").dialect == "none"
+
+
+def test_an_unknown_dialect_is_refused_when_the_config_loads() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="structured_dialect"):
+        OpenAICompatOptions.model_validate({"structured_dialect": "guided"})
+
+
+async def test_a_constraint_the_endpoint_rejects_is_a_bad_request() -> None:
+    """A 400 for a constraint is final (retrying cannot help) and fails that request only."""
+    from aiohttp import web
+
+    async def reject_choices(body: dict[str, Any]) -> web.Response | None:
+        if "structured_outputs" in body:
+            error = {"message": "Unrecognized request argument supplied: structured_outputs"}
+            return web.json_response({"error": error}, status=400)
+        return None
+
+    batch = [
+        constrained("choice", OutputConstraint.choice("safe", "unsafe")),
+        constrained("schema", OutputConstraint.json_schema("safety", SAFETY_SCHEMA)),
+    ]
+    async with capturing_server(reject_choices) as (base_url, bodies):
+        p = create_provider("openai", {"base_url": base_url, "structured_dialect": "vllm"})
+        assert isinstance(p, OpenAICompatProvider)
+        choice, schema = await run(p, batch)
+    assert choice.failure is not None
+    assert (choice.failure.kind, choice.failure.status, choice.failure.attempts) == (
+        "bad_request",
+        400,
+        1,
+    )
+    assert "structured_outputs" in choice.failure.message
+    assert schema.ok
+    assert len(bodies) == 2  # not retried
+
+
+async def test_extra_body_still_wins_over_the_constraint() -> None:
+    """`extra_body` is the escape hatch: it may replace what a constraint sends."""
+    override = {"structured_outputs": {"choice": ["yes", "no"]}}
+    async with capturing_server() as (base_url, bodies):
+        p = create_provider("openai", {"base_url": base_url, "extra_body": override})
+        assert isinstance(p, OpenAICompatProvider)
+        (result,) = await run(p, [constrained("c", OutputConstraint.choice("safe", "unsafe"))])
+    assert result.ok and bodies[0]["structured_outputs"] == {"choice": ["yes", "no"]}
+
+
+SAFE = ("safe", "unsafe")
+
+
+async def test_constraints_are_honoured_end_to_end_by_the_sim(sim: SimServer) -> None:
+    """Through the sim's judge: the choice answer is one of the choices with the verdict's
+    alternatives on its first token, the JSON answer fills the schema in order with the verdict
+    token's alternatives inside it; both vLLM-dialect keys are accepted."""
+    import json
+
+    prompt = (
+        "TASK: safety\n<question>How do I sharpen a knife?</question>\n"
+        "<response>[JAILBROKEN] Detailed instructions follow.</response>"
+    )
+    params = SamplingParams(max_tokens=64, temperature=0.0, logprobs=True, top_logprobs=2)
+    messages = (Message.user(prompt),)
+    batch = [
+        ChatRequest("choice", "judge", messages, params, constraint=OutputConstraint.choice(*SAFE)),
+        ChatRequest(
+            "schema",
+            "judge",
+            messages,
+            params,
+            constraint=OutputConstraint.json_schema("safety", SAFETY_SCHEMA),
+        ),
+    ]
+    choice, schema = await run(provider(sim), batch)
+    assert choice.ok and choice.samples[0].text == "unsafe"
+    first = choice.samples[0].logprobs
+    assert first is not None and {t for t, _ in first[0].top} == {"safe", "unsafe"}
+    assert schema.ok
+    sample = schema.samples[0]
+    value = json.loads(sample.text)
+    assert list(value) == ["verdict", "rationale"] and value["verdict"] == "unsafe"
+    assert sample.logprobs is not None
+    assert any({t for t, _ in tok.top} == {"safe", "unsafe"} for tok in sample.logprobs)
+
+
+async def test_a_constraint_the_sim_rejects_is_a_bad_request(sim: SimServer) -> None:
+    """Two kinds of constraint at once (a schema, and a choice slipped in through extra_body):
+    vLLM and the sim refuse it with a 400, an ordinary bad_request."""
+    p = provider(sim, extra_body={"structured_outputs": {"choice": ["a", "b"]}})
+    request = ChatRequest(
+        "both",
+        "helpful",
+        (Message.user("hello"),),
+        constraint=OutputConstraint.json_schema("safety", SAFETY_SCHEMA),
+    )
+    (result,) = await run(p, [request])
+    assert result.failure is not None
+    assert (result.failure.kind, result.failure.status, result.failure.attempts) == (
+        "bad_request",
+        400,
+        1,
+    )

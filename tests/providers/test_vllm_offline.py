@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from vlpref.chat import ChatRequest, ImagePart, Message, SamplingParams
+from vlpref.chat import ChatRequest, ImagePart, Message, OutputConstraint, SamplingParams
 from vlpref.config import parse_config
 from vlpref.errors import ConfigError, ProviderError
 from vlpref.journal import Journal
@@ -53,6 +53,7 @@ class FakeLLM:
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
         self.calls: list[int] = []
+        self.params: list[dict[str, Any]] = []  # every request's SamplingParams kwargs
         with FakeLLM.lock:
             FakeLLM.created += 1
             FakeLLM.alive.add(id(self))
@@ -68,6 +69,7 @@ class FakeLLM:
     def chat(self, conversations: list[Any], params: list[Any], use_tqdm: bool) -> list[Any]:
         assert use_tqdm is False and len(conversations) == len(params)
         self.calls.append(len(conversations))
+        self.params.extend(params)
         for conversation in conversations:
             if "BOOM" in str(conversation):
                 raise ValueError("prompt too long")
@@ -102,11 +104,26 @@ class FakeLLM:
         return SimpleNamespace(prompt_token_ids=list(range(7)), outputs=choices[::-1])
 
 
+class FakeStructuredOutputsParams(SimpleNamespace):
+    """vLLM 0.32's `StructuredOutputsParams`: exactly one constraint, else a ValueError (vLLM's
+    `VLLMValidationError` is one)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        if len(kwargs) != 1:
+            raise ValueError(f"You can only use one kind of structured outputs: {kwargs}")
+        if kwargs.get("json") == {"type": "unsupported"}:
+            raise ValueError("The provided JSON schema contains features not supported")
+        super().__init__(**kwargs)
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     module = ModuleType("vllm")
     module.LLM = FakeLLM  # type: ignore[attr-defined]
     module.SamplingParams = lambda **kw: dict(kw)  # type: ignore[attr-defined]
+    module.sampling_params = SimpleNamespace(  # type: ignore[attr-defined]
+        StructuredOutputsParams=FakeStructuredOutputsParams
+    )
     monkeypatch.setattr(vo, "import_vllm", lambda: module)
     FakeLLM.alive.clear()
     FakeLLM.created = 0
@@ -294,3 +311,66 @@ async def test_a_dead_engine_fails_its_chunk_and_the_next_chunk_starts_anew(
     (again,) = await complete_all(p, [request("b")])
     assert again.ok and p.engine_starts == 2
     await p.aclose()
+
+
+# -- structured outputs ------------------------------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "helpfulness": {"type": "integer", "minimum": 1, "maximum": 5},
+        "rationale": {"type": "string"},
+    },
+    "required": ["helpfulness", "rationale"],
+}
+
+
+def constrained(rid: str, constraint: OutputConstraint | None) -> ChatRequest:
+    return ChatRequest(rid, MODEL, (Message.user("judge"),), constraint=constraint)
+
+
+def test_constraints_map_to_structured_outputs_params() -> None:
+    schema = OutputConstraint.json_schema("rating", SCHEMA)
+    assert vo.structured_outputs_kwargs(schema) == {"json": SCHEMA}
+    assert list(vo.structured_outputs_kwargs(schema)["json"]["properties"]) == [
+        "helpfulness",
+        "rationale",
+    ]
+    choice = OutputConstraint.choice("safe", "unsafe")
+    assert vo.structured_outputs_kwargs(choice) == {"choice": ["safe", "unsafe"]}
+
+
+async def test_a_constrained_request_reaches_the_engine_with_its_constraint(
+    fake_vllm: ModuleType,
+) -> None:
+    p = provider(batch_size=8)
+    batch = [
+        constrained("schema", OutputConstraint.json_schema("rating", SCHEMA)),
+        constrained("choice", OutputConstraint.choice("safe", "unsafe")),
+        constrained("plain", None),
+        constrained("unsupported", OutputConstraint.json_schema("x", {"type": "unsupported"})),
+    ]
+    results = {r.request.id: r for r in await complete_all(p, batch)}
+    assert p._llm is not None
+    schema, choice, plain = p._llm.params  # in batch order; the unsupported one never got there
+    assert schema["structured_outputs"] == FakeStructuredOutputsParams(json=SCHEMA)
+    assert choice["structured_outputs"] == FakeStructuredOutputsParams(choice=["safe", "unsafe"])
+    assert "structured_outputs" not in plain
+    assert all(results[rid].ok for rid in ("schema", "choice", "plain"))
+    # A schema vLLM cannot compile fails its own request, as any request vLLM refuses.
+    failure = results["unsupported"].failure
+    assert failure is not None and failure.kind == "engine" and "not supported" in failure.message
+    await p.aclose()
+
+
+def test_a_logprob_of_minus_infinity_is_reported_as_the_server_does() -> None:
+    """Under a grammar a forbidden token has logprob -inf; like vLLM's server, -9999.0."""
+    step = {
+        5: SimpleNamespace(logprob=-0.2, decoded_token="safe"),
+        6: SimpleNamespace(logprob=-1.7, decoded_token="un"),
+        7: SimpleNamespace(logprob=float("-inf"), decoded_token="hello"),
+    }
+    (token,) = vo.map_logprobs([5], [step], 3, None)
+    assert token.token == "safe" and token.logprob == -0.2
+    assert token.top == (("safe", -0.2), ("un", -1.7), ("hello", vo.LOGPROB_FLOOR))
+    assert vo.LOGPROB_FLOOR == -9999.0

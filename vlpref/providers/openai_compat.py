@@ -11,6 +11,24 @@ serialised once per request and sent with `AsyncOpenAI.post(..., cast_to=httpx2.
 skips the SDK's per-request walk over its TypedDict annotations and its pydantic parsing (we read
 the raw bytes anyway); the first attempt runs outside tenacity, which only takes over once an
 attempt has failed in a retryable way.
+
+Structured outputs (a request's `constraint`, README "Structured outputs"), by the endpoint's
+`structured_dialect`:
+
+- `json_schema` -> `"response_format": {"type": "json_schema", "json_schema": {"name", "strict":
+  true, "schema"}}`: OpenAI's strict structured outputs; vLLM's server turns it into its own JSON
+  constraint (`structured_outputs_from_response_format` in vLLM 0.32).
+- `choice` -> `"structured_outputs": {"choice": [...]}`, vLLM's own key, on the `vllm` dialect
+  only: OpenAI has no choice constraint and rejects unknown keys (400). On the `openai` dialect a
+  choice request goes out unconstrained and the judge's text parser reads the answer as before.
+- A constraint the endpoint rejects (400/422) is an ordinary `bad_request` failure, not retried.
+
+Logprobs under a constraint (vLLM 0.32): the grammar's bitmask is applied to the logits before the
+sampler computes logprobs, also in the default `logprobs_mode: raw_logprobs`, so the returned
+logprobs are over the tokens the grammar allows at that step (renormalised among them); a token the
+grammar forbids has logprob -inf, which the server sends as -9999.0, and shows up among the top-k
+alternatives only when fewer than k tokens are allowed. Ratios between allowed tokens (all that the
+judge's renormalised P(unsafe) and rating maths read) are those of the unconstrained model.
 """
 
 from __future__ import annotations
@@ -23,6 +41,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, Literal, Self, cast
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
@@ -43,6 +62,7 @@ from vlpref.chat import (
     FailureKind,
     ImagePart,
     Message,
+    OutputConstraint,
     Sample,
     TextPart,
     TokenLogprob,
@@ -110,6 +130,13 @@ class OpenAICompatOptions(BaseModel):
     max_retry_after_s: float = Field(default=120.0, ge=0)
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    structured_dialect: Literal["auto", "vllm", "openai", "none"] = Field(
+        default="auto",
+        description="how a request's output constraint is sent: `vllm` (JSON schemas as "
+        "response_format, choices as vLLM's structured_outputs), `openai` (JSON schemas only; "
+        "choices unconstrained), `none` (nothing: the endpoint rejects both); `auto`: `openai` "
+        "on api.openai.com and Azure OpenAI, `vllm` elsewhere",
+    )
     cache_namespace: str = ""
     headers: dict[str, str] = Field(default_factory=dict)
     extra_body: dict[str, Any] = Field(default_factory=dict)
@@ -123,6 +150,15 @@ class OpenAICompatOptions(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @property
+    def dialect(self) -> Literal["vllm", "openai", "none"]:
+        """`structured_dialect` with `auto` resolved from the base URL's host."""
+        if self.structured_dialect != "auto":
+            return self.structured_dialect
+        host = (urlsplit(self.base_url).hostname or "").lower()
+        openai_hosts = ("api.openai.com", ".openai.azure.com")
+        return "openai" if host.endswith(openai_hosts) else "vllm"
 
     @field_validator("headers")
     @classmethod
@@ -185,6 +221,36 @@ def message_to_openai(message: Message) -> dict[str, Any]:
         else:
             parts.append({"type": "text", "text": part.text})
     return {"role": message.role, "content": parts}
+
+
+@functools.lru_cache(maxsize=256)
+def _response_format(name: str, schema_json: str) -> dict[str, Any]:
+    """The `response_format` of a JSON schema constraint, parsed once per schema (a judge run
+    sends one schema thousands of times); shared between bodies, which only serialise it."""
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": name, "strict": True, "schema": json.loads(schema_json)},
+    }
+
+
+def constraint_fields(
+    constraint: OutputConstraint, dialect: Literal["vllm", "openai", "none"]
+) -> dict[str, Any]:
+    """The body keys that ask the endpoint for `constraint`; empty where its dialect has none.
+
+    The choice key is vLLM's: read in vLLM 0.32's
+    `vllm/entrypoints/openai/chat_completion/protocol.py`, where `ChatCompletionRequest` has
+    `structured_outputs: StructuredOutputsParams | None` (`vllm/sampling_params.py`: `json`,
+    `regex`, `choice`, `grammar`, ...). The older `guided_choice` / `guided_json` keys are gone
+    there; vLLM ignores an unknown key with a warning, so the wrong name would go unnoticed (the
+    vLLM tier checks that every answer is one of the choices)."""
+    if dialect == "none":
+        return {}
+    if constraint.kind == "json_schema":
+        return {"response_format": _response_format(constraint.name, constraint.schema_json)}
+    if dialect == "vllm":
+        return {"structured_outputs": {"choice": list(constraint.choices)}}
+    return {}  # OpenAI has no choice constraint: the request goes out unconstrained
 
 
 def estimate_tokens(request: ChatRequest) -> int:
@@ -301,6 +367,7 @@ class OpenAICompatProvider(Provider):
         self.limiter = RateLimiter(options.rpm, options.tpm)
         self._client: openai.AsyncOpenAI | None = None
         self._chat_url = CHAT_PATH
+        self._dialect = options.dialect  # resolved once, not per request
         # The endpoint's `concurrency`, shared by every batch on this provider (several stage
         # tasks run batches at once). Taken before a request's body is built, so bodies (each
         # with its image as base64) exist only for requests about to be sent.
@@ -532,6 +599,8 @@ class OpenAICompatProvider(Provider):
                 payload["top_logprobs"] = p.top_logprobs
         if p.stop:
             payload["stop"] = list(p.stop)
+        if request.constraint is not None:
+            payload.update(constraint_fields(request.constraint, self._dialect))
         if self.options.extra_body:
             payload.update(self.options.extra_body)  # as the SDK's extra_body: top level, wins
         return _dumps(payload)

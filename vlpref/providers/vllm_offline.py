@@ -28,6 +28,20 @@ How it runs:
 - A request whose processing raises (a bad image, a prompt over `max_model_len`) becomes a
   `Failure(kind="engine")`; the rest of its chunk is answered one by one, so nothing is dropped.
   If the engine itself dies, its chunk fails the same way and the next chunk starts a new engine.
+- A request's output `constraint` becomes `SamplingParams(structured_outputs=
+  StructuredOutputsParams(json=SCHEMA))` or `(choice=[...])` (vLLM 0.32's
+  `vllm/sampling_params.py`; `GuidedDecodingParams` and `guided_decoding=` are gone there). A
+  schema vLLM cannot compile fails that request alone, as `Failure(kind="engine")`.
+
+Logprobs under a constraint: vLLM applies the grammar's bitmask to the logits before its sampler
+computes logprobs, in either `logprobs_mode` (`raw_logprobs`, the default, or `processed_*`, set
+through `extra_engine_args`), so a constrained answer's logprobs are over the tokens the grammar
+allows at each step, renormalised among them: the chosen token and its top-k alternatives, where a
+forbidden token (logprob -inf) appears only when fewer than k tokens are allowed. Such a -inf is
+reported as -9999.0, as vLLM's server does, so both kinds journal the same numbers. A choice's
+first token is a prefix of one choice (`safe`, or `un` of `unsafe`); a rating digit inside the JSON
+is its own token. Ratios between allowed tokens are the unconstrained model's, so the judge's
+renormalised probabilities are unchanged by the mask.
 """
 
 from __future__ import annotations
@@ -53,6 +67,7 @@ from vlpref.chat import (
     ChatResult,
     Failure,
     Message,
+    OutputConstraint,
     Sample,
     TextPart,
     TokenLogprob,
@@ -62,6 +77,9 @@ from vlpref.errors import ProviderError
 from vlpref.providers.base import Provider
 
 logger = logging.getLogger(__name__)
+
+# What vLLM's server reports for a logprob of -inf (a token the grammar forbids); ours too.
+LOGPROB_FLOOR = -9999.0
 
 INSTALL_HINT = "install the vllm extra: pip install 'vlpref[vllm]' (see the README, section vLLM)"
 
@@ -196,6 +214,27 @@ def sampling_kwargs(request: ChatRequest, defaults: Mapping[str, Any]) -> dict[s
     return kwargs
 
 
+def structured_outputs_kwargs(constraint: OutputConstraint) -> dict[str, Any]:
+    """Keyword arguments for vLLM's `StructuredOutputsParams` (`vllm/sampling_params.py`, 0.32):
+    exactly one of `json` (the schema, a dict) or `choice` (the strings)."""
+    if constraint.kind == "json_schema":
+        return {"json": constraint.schema}
+    return {"choice": list(constraint.choices)}
+
+
+def sampling_params(vllm: Any, request: ChatRequest, defaults: Mapping[str, Any]) -> Any:
+    """The request's `vllm.SamplingParams`, its constraint as `structured_outputs`."""
+    kwargs = sampling_kwargs(request, defaults)
+    if request.constraint is not None:
+        params_class = vllm.sampling_params.StructuredOutputsParams
+        kwargs["structured_outputs"] = params_class(**structured_outputs_kwargs(request.constraint))
+    return vllm.SamplingParams(**kwargs)
+
+
+def _logprob(entry: Any) -> float:
+    return max(float(entry.logprob), LOGPROB_FLOOR)
+
+
 def _token_text(token_id: int, entry: Any, tokenizer: Any) -> str:
     text = getattr(entry, "decoded_token", None) if entry is not None else None
     if text is None:
@@ -216,8 +255,8 @@ def map_logprobs(
         out.append(
             TokenLogprob(
                 token=_token_text(token_id, chosen, tokenizer),
-                logprob=float(chosen.logprob) if chosen is not None else float("nan"),
-                top=tuple((_token_text(t, e, tokenizer), float(e.logprob)) for t, e in ranked),
+                logprob=_logprob(chosen) if chosen is not None else float("nan"),
+                top=tuple((_token_text(t, e, tokenizer), _logprob(e)) for t, e in ranked),
             )
         )
     return tuple(out)
@@ -501,7 +540,7 @@ class VllmProvider(Provider):
                 continue
             try:
                 messages = [message_to_vllm(m) for m in request.messages]
-                params = vllm.SamplingParams(**sampling_kwargs(request, self._defaults))
+                params = sampling_params(vllm, request, self._defaults)
             except Exception as exc:
                 results[i] = _engine_failure(request, exc, 0.0)
                 continue
