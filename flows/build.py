@@ -101,6 +101,15 @@ def _base_dir(config: RunConfig) -> Path:
     return Path(config.source_file).resolve().parent if config.source_file else Path.cwd()
 
 
+def _guard_templates(config: RunConfig) -> list[str]:
+    """The templates of the guard protocols the judges speak (read only when used, so a
+    `prompts_dir` made before they existed still works)."""
+    from vlpref.protocols import GUARDS
+
+    specs = (GUARDS.get(j.protocol) for j in config.judges)
+    return sorted({s.template for s in specs if s is not None and s.template})
+
+
 def _prompts(config: RunConfig, *names: str) -> dict[str, str]:
     from vlpref.prompts import load_prompt
 
@@ -265,7 +274,9 @@ def judge_task(
         [_entry(config, j.name) for j in config.judges],
         config.stages.judge.model_dump(mode="json"),
         config.stages.pairs.model_dump(mode="json"),  # candidate pairs follow the policy
-        _prompts(config, "judge_safety", "judge_rating", "judge_pairwise"),
+        _prompts(
+            config, "judge_safety", "judge_rating", "judge_pairwise", *_guard_templates(config)
+        ),
     )
     previous = _reuse_or_run(workspace, config, "judge", leaf.branch_id, key)
     if previous.reuse:

@@ -5,14 +5,20 @@
 2. From those scores, per question: which pairs to compare (`selection.candidate_pairs`, with
    SPA-VL's safety groups measured on this branch's own responses, so a branch rerun never depends
    on other branches), each asked in both orders (A/B swapped).
-An answer that does not parse is asked again with another seed up to `max_attempts`; then it is a
-failure with the parser's reason. Every rationale and raw answer is kept.
+Each judge speaks its protocol (`vlpref.protocols`): ours asks all three kinds, a guard model
+(`llama-guard`, `shieldgemma`, `md-judge`) gives safety verdicts only, in its own request shape.
+Calls of our protocol carry the judge's output constraint (`structured`). An answer that does not
+parse is asked again up to `max_attempts` times with a corrective turn: the question as asked, the
+answer given, and a user turn naming what was wrong and the exact format wanted (its own request,
+journaled like any other); then it is a failure with the parser's last reason. Every rationale
+and raw answer is kept.
 
 Accounting unit: judge calls planned. in = out + failed.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -22,12 +28,22 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.common import image_part, provider_for, retry_params
-from vlpref.chat import ChatRequest, Message, Sample
-from vlpref.config import ModelEntry, RunConfig
+from vlpref.chat import ChatRequest, Message, OutputConstraint, Sample
+from vlpref.config import JudgeEntry, RunConfig
+from vlpref.earlystop import TRIPPING_KINDS, Cause
 from vlpref.errors import JudgeParseError
 from vlpref.journal import Journal
 from vlpref.judging import parse_pairwise, parse_ratings, parse_safety
 from vlpref.prompts import load_prompt
+from vlpref.protocols import (
+    DEFAULT_POLICY,
+    GUARDS,
+    GuardSpec,
+    constraint_for,
+    corrective_turn,
+    guard_messages,
+    parse_guard,
+)
 from vlpref.records import JUDGMENTS, TableBuilder, iter_rows, sorted_by, stable_id
 from vlpref.runner import BatchStats
 from vlpref.selection import (
@@ -38,7 +54,7 @@ from vlpref.selection import (
     score_weights,
     text_key,
 )
-from vlpref.service import ModelService
+from vlpref.service import Batch, ModelService, warn
 from vlpref.stage import FailureRow, StageOutput
 
 Parsed = list[dict[str, Any]]  # judgment rows made from one answer
@@ -49,10 +65,13 @@ class _Call:
     """One judge call: its request and how to turn an answer into judgment rows."""
 
     call_id: str
-    judge: ModelEntry
+    judge: JudgeEntry
     messages: tuple[Message, ...]
     prompt_version: str
     parse: Callable[[Sample], Parsed]
+    kind: str = "safety"  # safety | rating | pairwise
+    constraint: OutputConstraint | None = None
+    corrective: bool = True  # re-ask with a corrective turn (our protocol); else as asked
 
 
 def candidates_from_judgments(
@@ -118,7 +137,7 @@ def judge_responses(
 
     def base_row(
         kind: str,
-        judge: ModelEntry,
+        judge: JudgeEntry,
         response_id: str,
         other: str | None,
         aspect: str | None,
@@ -133,12 +152,43 @@ def judge_responses(
             "other_response_id": other,
             "aspect": aspect,
             "judge": judge.name,
+            "categories": None,
             "raw": raw,
             "branch_id": branch_id,
         }
 
+    def constraint(judge: JudgeEntry, call: Any) -> OutputConstraint | None:
+        kind = config.endpoint_kind(judge.endpoint)
+        return constraint_for(judge.structured, kind, call, aspects=aspects)
+
+    def guard_calls(judge: JudgeEntry, spec: GuardSpec) -> Iterator[_Call]:
+        prompt = load_prompt(spec.template, config.prompts_dir) if spec.template else None
+        version = prompt.version if prompt else f"{spec.name}/conversation"
+        policy = judge.policy or DEFAULT_POLICY
+        for r in response_rows:
+            question = question_rows[r["question_id"]]["text"]
+            fields = {"question": question, "response": r["text"]}
+            if prompt is not None and "policy" in prompt.fields:
+                fields["policy"] = policy
+            text = prompt.render(**fields) if prompt else None
+            yield _Call(
+                f"safety\x1f{judge.name}\x1f{r['response_id']}",
+                judge,
+                guard_messages(spec, image_of(r), question, r["text"], text),
+                version,
+                _guard_parser(base_row, judge, r["response_id"], spec),
+                corrective=False,  # a classifier answers its fixed format or nothing useful
+            )
+
     # Calls are made lazily, a chunk at a time, as the model service pulls them.
-    def pointwise_calls(judge: ModelEntry) -> Iterator[_Call]:
+    def pointwise_calls(judge: JudgeEntry) -> Iterator[_Call]:
+        spec = GUARDS.get(judge.protocol)
+        if spec is not None:
+            if stage.safety:
+                yield from guard_calls(judge, spec)
+            return
+        safety_constraint = constraint(judge, "safety")
+        rating_constraint = constraint(judge, "rating")
         for r in response_rows:
             question = question_rows[r["question_id"]]["text"]
             if stage.safety:
@@ -149,6 +199,8 @@ def judge_responses(
                     (Message.user(image_of(r), text),),
                     safety_prompt.version,
                     _safety_parser(base_row, judge, r["response_id"]),
+                    "safety",
+                    safety_constraint,
                 )
             if aspects:
                 text = rating_prompt.render(
@@ -164,12 +216,14 @@ def judge_responses(
                     (Message.user(image_of(r), text),),
                     rating_prompt.version,
                     _rating_parser(base_row, judge, r["response_id"], aspects),
+                    "rating",
+                    rating_constraint,
                 )
 
     stats = BatchStats()
 
     def run_phase(
-        calls_for: Callable[[ModelEntry], Iterator[_Call]],
+        calls_for: Callable[[JudgeEntry], Iterator[_Call]],
     ) -> tuple[TableBuilder, list[FailureRow], int]:
         calls = {j.name: calls_for(j) for j in config.judges}
         return _run_calls(calls, config, journal, service, stage.max_attempts, stats)
@@ -187,7 +241,10 @@ def judge_responses(
         )
         weights = score_weights(config.stages.pairs, stage)
 
-        def pairwise_calls(judge: ModelEntry) -> Iterator[_Call]:
+        def pairwise_calls(judge: JudgeEntry) -> Iterator[_Call]:
+            if judge.protocol in GUARDS:
+                return  # guard models give safety verdicts only
+            pair_constraint = constraint(judge, "pairwise")
             for question_id, cands in sorted(candidates.items()):
                 question = question_rows[question_id]["text"]
                 pairs = candidate_pairs(
@@ -211,6 +268,8 @@ def judge_responses(
                             (Message.user(image_of(by_id[first]), text),),
                             pairwise_prompt.version,
                             _pairwise_parser(base_row, judge, first, second),
+                            "pairwise",
+                            pair_constraint,
                         )
 
         pair_rows, pair_failures, n_pair_calls = run_phase(pairwise_calls)
@@ -238,8 +297,24 @@ def judge_responses(
     )
 
 
+def _guard_parser(
+    base_row: Callable[..., dict[str, Any]], judge: JudgeEntry, rid: str, spec: GuardSpec
+) -> Callable[[Sample], Parsed]:
+    def parse(sample: Sample) -> Parsed:
+        guard = parse_guard(sample, spec)
+        return [
+            {
+                **base_row("safety", judge, rid, None, None, sample.text),
+                **guard.verdict.judgment_fields(),
+                "categories": ",".join(guard.categories) or None,
+            }
+        ]
+
+    return parse
+
+
 def _safety_parser(
-    base_row: Callable[..., dict[str, Any]], judge: ModelEntry, rid: str
+    base_row: Callable[..., dict[str, Any]], judge: JudgeEntry, rid: str
 ) -> Callable[[Sample], Parsed]:
     def parse(sample: Sample) -> Parsed:
         verdict = parse_safety(sample)
@@ -251,7 +326,7 @@ def _safety_parser(
 
 
 def _rating_parser(
-    base_row: Callable[..., dict[str, Any]], judge: ModelEntry, rid: str, aspects: list[str]
+    base_row: Callable[..., dict[str, Any]], judge: JudgeEntry, rid: str, aspects: list[str]
 ) -> Callable[[Sample], Parsed]:
     def parse(sample: Sample) -> Parsed:
         ratings = parse_ratings(sample, aspects)
@@ -264,7 +339,7 @@ def _rating_parser(
 
 
 def _pairwise_parser(
-    base_row: Callable[..., dict[str, Any]], judge: ModelEntry, first: str, second: str
+    base_row: Callable[..., dict[str, Any]], judge: JudgeEntry, first: str, second: str
 ) -> Callable[[Sample], Parsed]:
     def parse(sample: Sample) -> Parsed:
         verdict = parse_pairwise(sample)
@@ -286,13 +361,22 @@ def _run_calls(
     max_attempts: int,
     stats: BatchStats,
 ) -> tuple[TableBuilder, list[FailureRow], int]:
-    """Ask every call, re-asking unparseable answers with a new seed; one failure per call that
-    never produced a parseable answer. Returns (rows, failures, number of calls)."""
+    """Ask every call, re-asking unparseable answers with a corrective turn (and a new seed); one
+    failure per call that never produced a parseable answer. Returns (rows, failures, number of
+    calls).
+
+    Early stop for answers that never parse (`early_stop_after` N, vlpref/earlystop.py has the
+    transport side): each judge's first N calls are asked first, re-asks included; when all N
+    stay unreadable after every corrective re-ask, the judge's other calls are not sent (failures
+    of kind `stopped`, which a rerun asks again). Judged after the re-asks, not on the first
+    answers: a judge that writes its own format but follows a correction is not a broken one."""
     judges = {j.name: j for j in config.judges}
     rows = TableBuilder(JUDGMENTS)
     live: dict[str, _Call] = {}  # calls in flight
     last_error: dict[str, tuple[str, str]] = {}
     tries: dict[str, int] = defaultdict(int)
+    unread: dict[str, tuple[str, str]] = {}  # call id -> (the answer that did not parse, why)
+    causes: dict[str, Cause] = {}  # call id -> why its request failed (transport)
     planned = 0
 
     def requests(calls: Iterable[_Call], attempt: int) -> Iterator[ChatRequest]:
@@ -300,61 +384,88 @@ def _run_calls(
         for call in calls:
             planned += attempt == 0
             live[call.call_id] = call
+            messages = call.messages
+            if attempt and call.corrective and call.call_id in unread:
+                answer, reason = unread[call.call_id]
+                messages = corrective_turn(messages, answer, reason, call.kind, call.constraint)
             yield ChatRequest(
                 id=call.call_id,
                 model=call.judge.model,
-                messages=call.messages,
+                messages=messages,
                 params=retry_params(call.judge.sampling.to_params(), attempt),
                 prompt_version=call.prompt_version,
+                constraint=call.constraint,
             )
 
-    from vlpref.chat import ChatResult
-    from vlpref.service import Batch
+    def ask(calls_by_judge: Mapping[str, Iterable[_Call]]) -> None:
+        todo = calls_by_judge
+        for attempt in range(max_attempts):
+            retry: dict[str, list[_Call]] = defaultdict(list)
+            batches = [
+                Batch(provider_for(config, judges[name], service), requests(calls, attempt))
+                for name, calls in todo.items()
+            ]
+            for result in service.run(batches, journal, stats):
+                call_id = result.request.id
+                call = live.pop(call_id)
+                tries[call_id] += max(result.attempts, 1)
+                if not result.ok or not result.samples:
+                    failure = result.failure
+                    if failure is not None:
+                        causes[call_id] = Cause(failure.kind, failure.status, failure.message)
+                    last_error[call_id] = (
+                        failure.kind if failure else "missing",
+                        f"{failure.kind}: {failure.message}" if failure else "no sample returned",
+                    )
+                    continue  # the provider already retried what retrying can fix
+                try:
+                    rows.extend(call.parse(result.samples[0]))
+                    last_error.pop(call_id, None)
+                    unread.pop(call_id, None)
+                    del tries[call_id]  # only failures report their tries
+                except JudgeParseError as exc:
+                    last_error[call_id] = ("unparseable", str(exc))
+                    unread[call_id] = (result.samples[0].text, str(exc))
+                    retry[call.judge.name].append(call)
+            if not retry:
+                break
+            todo = retry
 
-    def unparseable(result: ChatResult) -> str | None:
-        """The early-stop probe's check (on the service's thread; the call is still live): a
-        judge whose first answers all fail to parse is asked no more (vlpref/earlystop.py)."""
-        call = live.get(result.request.id)
-        if call is None or not result.samples:
-            return None
-        try:
-            call.parse(result.samples[0])
-        except JudgeParseError as exc:
-            return str(exc)
-        return None
-
-    todo: Mapping[str, Iterable[_Call]] = calls_by_judge
-    for attempt in range(max_attempts):
-        retry: dict[str, list[_Call]] = defaultdict(list)
-        batches = [  # re-asks are answers that failed to parse already: only transport stops them
-            Batch(
-                provider_for(config, judges[name], service),
-                requests(calls, attempt),
-                check=None if attempt else unparseable,
-            )
-            for name, calls in todo.items()
-        ]
-        for result in service.run(batches, journal, stats):
-            call_id = result.request.id
-            call = live.pop(call_id)
-            tries[call_id] += max(result.attempts, 1)
-            if not result.ok or not result.samples:
-                failure = result.failure
-                last_error[call_id] = (
-                    failure.kind if failure else "missing",
-                    f"{failure.kind}: {failure.message}" if failure else "no sample returned",
+    limit = config.early_stop_after
+    if not limit:
+        ask(calls_by_judge)
+    else:
+        rests = {name: iter(calls) for name, calls in calls_by_judge.items()}
+        probes = {name: list(itertools.islice(it, limit)) for name, it in rests.items()}
+        ask(probes)
+        go_on: dict[str, Iterable[_Call]] = {}
+        for name, probe in probes.items():
+            # One cause for all (kind and HTTP status): a mix is not a broken judge.
+            seen = {
+                (
+                    last_error.get(c.call_id, ("", ""))[0],
+                    getattr(causes.get(c.call_id), "status", None),
                 )
-                continue  # the provider already retried what retrying can fix
-            try:
-                rows.extend(call.parse(result.samples[0]))
-                last_error.pop(call_id, None)
-                del tries[call_id]  # only failures report their tries
-            except JudgeParseError as exc:
-                last_error[call_id] = ("unparseable", str(exc))
-                retry[call.judge.name].append(call)
-        if not retry:
-            break
-        todo = retry
+                for c in probe
+            }
+            ((kind, _),) = seen if len(seen) == 1 else (("", None),)
+            if len(probe) < limit or kind not in TRIPPING_KINDS:
+                go_on[name] = rests[name]
+                continue
+            last = probe[-1].call_id
+            model = judges[name].model
+            if kind == "unparseable":
+                why = f"stayed unreadable after {max_attempts} ask(s) each: {last_error[last][1]}"
+            else:  # a key or model id the endpoint refuses: the service stopped that batch too
+                why = f"all failed: {causes[last].describe()}"
+            message = f"not sent: the first {limit} calls to {model} {why}"
+            stopped = 0
+            for call in rests[name]:
+                planned += 1
+                stopped += 1
+                last_error[call.call_id] = ("stopped", message)
+            warn(f"early stop: {message} ({stopped} more call(s) of judge {name} not sent)")
+        ask(go_on)
     failures = [
         FailureRow(call_id.replace("\x1f", ":"), kind, reason, tries[call_id])
         for call_id, (kind, reason) in last_error.items()

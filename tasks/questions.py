@@ -22,10 +22,11 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.common import image_part, provider_for, retry_params
-from vlpref.chat import ChatRequest, ChatResult, Message
+from vlpref.chat import ChatRequest, ChatResult, Message, OutputConstraint
 from vlpref.config import RunConfig
 from vlpref.journal import Journal
 from vlpref.prompts import Prompt, load_prompt
+from vlpref.protocols import constraint_for
 from vlpref.records import QUESTIONS, stable_id, table
 from vlpref.runner import BatchStats
 from vlpref.service import Batch, ModelService
@@ -107,6 +108,14 @@ def generate_questions(
         params = replace(params, n=1)  # one caption / one question set per image
 
     stats = BatchStats()
+    # The question set as a JSON schema when the generator's endpoint can constrain it
+    # (vlpref/protocols.py); captions are free text.
+    constraint = constraint_for(
+        gen.structured,
+        config.endpoint_kind(gen.endpoint),
+        "questions",
+        question_keys=[TYPE_KEYS[t] for t in stage.types],
+    )
     # image -> the kind of its last failed request (a `Failure.kind`, `stopped` for one early
     # stop did not send): a slot's failure kind, so the rerun policy (vlpref/retry.py) knows
     # whether asking again can heal it. Unparseable answers and empty captions are `unparseable`.
@@ -168,6 +177,7 @@ def generate_questions(
                 gen.model,
                 params,
                 attempt,
+                constraint,
             )
             for image_id, row in pending.items()
         ]
@@ -245,6 +255,7 @@ def _questions_request(
     model: str,
     params: Any,
     attempt: int,
+    constraint: OutputConstraint | None,
 ) -> ChatRequest:
     text = prompt.render(class_path=class_path(leaf), keywords=keywords, caption=caption)
     return ChatRequest(
@@ -253,6 +264,7 @@ def _questions_request(
         messages=(Message.user(image_part(row), text),),
         params=retry_params(params, attempt),
         prompt_version=prompt.version,
+        constraint=constraint,
     )
 
 

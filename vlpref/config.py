@@ -78,6 +78,34 @@ class ModelEntry(_Strict):
     sampling: SamplingConfig = SamplingConfig()
 
 
+Structured = Literal["auto", "json_schema", "choice", "off"]
+JudgeProtocolName = Literal["vlpref", "llama-guard", "shieldgemma", "md-judge"]
+
+
+class GeneratorEntry(ModelEntry):
+    """The model that writes captions and questions. `structured` asks its endpoint to constrain
+    the question set to a JSON schema (`auto`, `json_schema` or `choice` all mean that here;
+    `off` sends no constraint)."""
+
+    structured: Structured = "auto"
+
+
+class JudgeEntry(ModelEntry):
+    """A judge: which protocol it speaks, and how its answers are constrained.
+
+    `protocol`: `vlpref` (ours: safety, 1-5 ratings, pairwise), or a guard model's own
+    (`llama-guard`, `shieldgemma`, `md-judge`), which gives safety verdicts only (see
+    vlpref/protocols.py). `structured`: `auto` picks by endpoint kind (an offline vLLM engine:
+    `choice` for the one-word verdicts and a JSON schema for ratings; any other: a JSON schema
+    for every call), `json_schema`, `choice` (a vLLM server or engine), or `off`. Guard
+    protocols are never constrained: their answers carry category codes after the verdict.
+    `policy`: the policy text a `shieldgemma` judge is asked about (one call per response)."""
+
+    protocol: JudgeProtocolName = "vlpref"
+    structured: Structured = "auto"
+    policy: str | None = None
+
+
 class TypographicSource(_Strict):
     kind: Literal["typographic"] = "typographic"
     per_branch: int = Field(default=4, ge=1)
@@ -203,8 +231,8 @@ class RunConfig(_Strict):
     store: str = ".vlpref/store"
     endpoints: dict[Name, dict[str, Any]]
     models: tuple[ModelEntry, ...] = Field(min_length=1)
-    generator: ModelEntry
-    judges: tuple[ModelEntry, ...] = Field(min_length=1)
+    generator: GeneratorEntry
+    judges: tuple[JudgeEntry, ...] = Field(min_length=1)
     stages: StagesConfig = StagesConfig()
     prompts_dir: str | None = Field(
         default=None, description="folder of prompt templates; the shipped prompts/ by default"

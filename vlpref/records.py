@@ -83,6 +83,7 @@ JUDGMENTS = pa.schema(
         ("probabilities", pa.string()),  # JSON: token -> probability over the verdict tokens
         ("from_logprobs", pa.bool_()),  # false: parsed from text only
         ("rationale", pa.string()),
+        ("categories", pa.string()),  # guard judges: hazard codes as written ("S1,S10"); else null
         ("raw", pa.string()),
         ("branch_id", pa.string()),
     ]

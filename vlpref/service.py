@@ -97,7 +97,7 @@ class _NotSent(Provider):
             yield ChatResult(request, failure=self.failure)
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     """One warning line: on the Prefect run's logger inside a flow or task run, else logging."""
     try:
         from prefect import get_run_logger
@@ -267,7 +267,7 @@ class ModelService:
                 elif isinstance(item, _Raised):
                     raise item.error
                 elif isinstance(item, _StopNotice):
-                    _warn(
+                    warn(
                         f"early stop: {item.reason} ({item.not_sent} more request(s) of the "
                         "batch not sent: failures of kind 'stopped', which a rerun asks again)"
                     )

@@ -85,7 +85,7 @@ def test_a_run_where_every_judge_call_fails_says_why(
     published, and the run says so with the per-stage table, the most common failure with an
     example, one `error:` line and exit code 2; the judge tasks end as 'Completed with failures'
     in Prefect."""
-    garbage_judge = {**SIM_JUDGE, "name": "garbage", "model": "sim-refuser"}
+    garbage_judge = {**SIM_JUDGE, "name": "garbage", "model": "sim-refuser", "structured": "off"}
     path = config_file(tmp_path, sim, judges=[garbage_judge])
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "COLUMNS": "200"}
     proc = subprocess.run(

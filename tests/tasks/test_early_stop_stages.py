@@ -173,7 +173,12 @@ def test_questions_that_never_parse(
     cfg = config(
         sim,
         tmp_path,
-        generator={"name": "gen", "endpoint": "sim", "model": "sim-bad-generator"},
+        generator={
+            "name": "gen",
+            "endpoint": "sim",
+            "model": "sim-bad-generator",
+            "structured": "off",
+        },
     )
     out = generate_questions(leaf, images, cfg, None, service)
     assert (out.n_in, out.n_out, out.n_failed) == (60, 0, 60)
@@ -212,10 +217,10 @@ def responses(
         # A persona that does not follow the verdict protocol: the first 8 calls are each asked
         # max_attempts (3) times, as unparseable answers always are; the other 112 never.
         (
-            {"endpoint": "sim", "model": "sim-refuser"},
+            {"endpoint": "sim", "model": "sim-refuser", "structured": "off"},
             {"200": 3 * N},
             {"unparseable": N, "stopped": 120 - N},
-            "all failed: unparseable: ",
+            "stayed unreadable after 3 ask(s) each: ",
         ),
         # A wrong key: 8 calls, no re-asks (the provider does not retry a 401).
         (

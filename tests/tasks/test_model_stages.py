@@ -106,7 +106,12 @@ def test_unparseable_questions_are_retried_then_failed_not_filled(
     cfg = config(
         sim,
         tmp_path,
-        generator={"name": "gen", "endpoint": "sim", "model": "sim-bad-generator"},
+        generator={
+            "name": "gen",
+            "endpoint": "sim",
+            "model": "sim-bad-generator",
+            "structured": "off",
+        },
         stages={
             "questions": {"max_attempts": 3},
             "images": {"source": {"kind": "typographic", "per_branch": 2}},

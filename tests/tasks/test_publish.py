@@ -176,6 +176,7 @@ def add_question(
                 "probabilities": json.dumps({"unsafe": p_unsafe}),
                 "from_logprobs": True,
                 "rationale": None,
+                "categories": None,
                 "raw": "",
                 "branch_id": branch,
             }
