@@ -359,7 +359,8 @@ def test_pairwise_unparseable(text: str) -> None:
 
 
 def test_judgment_fields_fit_the_judgments_schema() -> None:
-    base = {
+    # Columns the judge stage fills itself (and any added later, e.g. a guard's categories) null.
+    base = {name: None for name in JUDGMENTS.names} | {
         "judgment_id": "j",
         "kind": "safety",
         "question_id": "q",
