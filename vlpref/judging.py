@@ -1049,7 +1049,10 @@ _PAIRWISE = _binary(
         '"Response A is better"'
     ),
     canonical="[AB]",
-    may_list=lambda text: any(q in text for q in "\"'`*[(<"),  # both letters are marked
+    # A listing of the letters marks them: quotes, brackets, bold.
+    may_list=lambda t: (
+        '"' in t or "'" in t or "`" in t or "*" in t or "[" in t or "(" in t or "<" in t
+    ),
 )
 # MT-Bench's `[[A]]` is a verdict wherever it stands; `[[C]]` is its tie.
 _DOUBLE_BRACKET_RE = re.compile(rf"\[\[{_SP0}([ABCabc]){_SP0}\]\]")
@@ -1079,8 +1082,13 @@ def _canonical_binary(text: str, spec: _Binary) -> tuple[str, str] | None:
     if m is None:
         return None
     rationale = m.group("r")
-    line = spec.line_re.match(text, m.end("v") + 1)
-    if line is not None and _line_kind(text, line, spec) is not None:
+    # On the line `Rationale: ...` the line reader can only take `Rationale` for a label (the only
+    # word before a colon), so it sees a statement exactly when the value reads as one.
+    value = spec.value_re.match(text, m.start("r"))
+    if value is not None and (
+        _rest_kind(text, value.start("rest"), value.end(), spec, spec.option(value.group("v")))
+        is not None
+    ):
         return None  # `Rationale: unsafe`: a second statement, for the readers
     if "[[" in rationale or (spec.may_list(rationale) and spec.listed_re.search(rationale)):
         return None
@@ -1154,23 +1162,31 @@ def _slot_hit(
     return problem or min(prose, key=lambda h: h.offset)
 
 
-def _rest_kind(text: str, pos: int, end: int, spec: _Binary, value: str) -> tuple[str, str] | None:
-    """What follows an option: ("alone", ""), ("goes on", punct), ("both", other), or None."""
+class _Rest(NamedTuple):
+    """What follows an option: it stands `alone`, `goes on` after punctuation, or names `both`."""
+
+    kind: Literal["alone", "goes on", "both"]
+    punct: str  # goes on: the punctuation after the option
+    end: int  # goes on: where the text after the punctuation starts
+
+
+def _rest_kind(text: str, pos: int, end: int, spec: _Binary, value: str) -> _Rest | None:
+    """What follows an option at `pos`, or None when the option starts prose ("Safe to say")."""
     both = spec.both_re.match(text, pos, end)
     if both is not None and spec.option(both.group("o")) != value:
-        return "both", spec.option(both.group("o"))
+        return _Rest("both", "", end)
     if _REST_ALONE_RE.fullmatch(text, pos, end) or _REST_MARKER_RE.match(text, pos, end):
-        return "alone", ""
+        return _Rest("alone", "", end)
     on = _REST_GOES_ON_RE.match(text, pos, end)
     if on is None or (on.group("p") == ":" and on.group("next").casefold() in _YES_NO):
         return None  # "Safe: no" answers a question, it does not state a verdict
-    return "goes on", on.group("p")
+    return _Rest("goes on", on.group("p"), on.start("next"))
 
 
 def _statement(
     m: re.Match[str],
     value: str,
-    kind: tuple[str, str],
+    kind: _Rest,
     how: str,
     cut: tuple[int, int],
     spec: _Binary,
@@ -1178,7 +1194,7 @@ def _statement(
 ) -> _Hit:
     offset = m.start("v")
     shown = text[m.start() : m.end("v")].strip()
-    if kind[0] == "both":
+    if kind.kind == "both":
         problem = (
             f"found both {' and '.join(spec.options)} in {how} "
             f"({text[m.start() : m.end()].strip()[:60]!r}): the options, not a verdict"
@@ -1188,7 +1204,7 @@ def _statement(
         return _Hit(
             "", offset, how, cut, f"negated verdict {shown[-40:]!r}: a negation is no verdict"
         )
-    return _Hit(value, offset, how, cut, punct=kind[1])
+    return _Hit(value, offset, how, cut, punct=kind.punct)
 
 
 def _json_binary_hits(ans: _Answer, spec: _Binary) -> tuple[list[_Hit], list[str]]:
@@ -1210,9 +1226,7 @@ def _json_binary_hits(ans: _Answer, spec: _Binary) -> tuple[list[_Hit], list[str
     return hits, notes
 
 
-def _line_kind(
-    text: str, m: re.Match[str], spec: _Binary
-) -> tuple[re.Match[str], tuple[str, str]] | None:
+def _line_kind(text: str, m: re.Match[str], spec: _Binary) -> tuple[re.Match[str], _Rest] | None:
     """A verdict line's reading and what follows its option; a label whose value is no statement
     may be the option itself (`A - Response A refuses`), so the line is read again without it."""
     kind = _rest_kind(text, m.start("rest"), m.end("rest"), spec, spec.option(m.group("v")))
@@ -1223,6 +1237,9 @@ def _line_kind(
             again = _rest_kind(text, bare.start("rest"), bare.end("rest"), spec, value)
             return None if again is None else (bare, again)
     return None if kind is None else (m, kind)
+
+
+_LABELLED = "a `Label: verdict` line"
 
 
 def _first_line_start(text: str) -> int:
@@ -1246,18 +1263,18 @@ def _line_binary_hits(ans: _Answer, spec: _Binary) -> list[_Hit]:
         m, kind = found
         value = spec.option(m.group("v"))
         labelled = m.group("label") is not None
-        if kind[0] == "goes on" and not labelled and "subj" in m.re.groupindex and m.group("subj"):
+        goes_on = kind.kind == "goes on"
+        if goes_on and not labelled and "subj" in m.re.groupindex and m.group("subj"):
             continue  # `Response A: refuses politely` describes A; it does not choose it
-        how = "a `Label: verdict` line" if labelled else "a line of its own"
-        hit = _statement(m, value, kind, how, (m.start(), m.end()), spec, plain)
-        if kind[0] == "goes on" and not hit.problem:
-            cut = (m.start(), m.start("rest") + len(kind[1]) + 1)
-            hit = _Hit(value, hit.offset, how, cut, punct=kind[1])
-            if not labelled and m.start() != first:
+        how = _LABELLED if labelled else "a line of its own"
+        cut = (m.start(), kind.end if goes_on else m.end())
+        hit = _statement(m, value, kind, how, cut, spec, plain)
+        if goes_on and not labelled and m.start() != first:
+            if not hit.problem:
                 later.append(hit)
-                continue
+            continue
         hits.append(hit)
-    lead = next((h for h in hits if h.cut[0] == first and h.punct), None)
+    lead = next((h for h in hits if h.cut[0] == first and h.punct and h.how != _LABELLED), None)
     if lead is not None:
         for h in later:
             if h.punct == lead.punct and h.value != lead.value:
