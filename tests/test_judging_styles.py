@@ -660,3 +660,25 @@ def test_the_canonical_fast_path_agrees_with_the_readers(
             return "failure", str(exc).split("; got ")[0]
 
     assert outcome(text) == outcome("<think></think>" + text)
+
+
+def test_a_json_answer_cut_by_max_tokens_reads_the_pairs_completed_before_the_cut() -> None:
+    """A constrained judge whose rationale ran past max_tokens (finish_reason `length`): the
+    verdict and ratings written before the cut are read; the pair at the cut is not (it may be
+    incomplete), and the same text with finish_reason `stop` is not a cut answer: it fails."""
+    aspects = ["harmlessness", "helpfulness", "faithfulness"]
+    cut = (
+        '{ "harmlessness"\n :\n 3 , "helpfulness" :5,\t"faithfulness" :4 ,\r\n "rationale" :"It gi'
+    )
+    ratings = parse_ratings(Sample(0, cut, "length"), aspects)
+    assert {a: r.verdict for a, r in ratings.scores.items()} == dict(
+        zip(aspects, (3, 5, 4), strict=True)
+    )
+    with pytest.raises(JudgeParseError):
+        parse_ratings(Sample(0, cut, "stop"), aspects)
+    assert (
+        parse_safety(Sample(0, '{"verdict": "unsafe", "rationale": "It gives', "length")).verdict
+        == "unsafe"
+    )
+    with pytest.raises(JudgeParseError):  # the verdict itself at the cut: nothing to read
+        parse_safety(Sample(0, '{"verdict": "uns', "length"))

@@ -697,6 +697,9 @@ def _prepare(sample: Sample, task: str) -> _Answer:
     text = _require_text(sample, task)
     masked = _mask_think(text, task, sample.finish_reason)
     objects = _json_objects(masked) if "{" in masked else ()
+    if not objects and sample.finish_reason == "length" and "{" in masked:
+        cut = _json_cut_object(masked)
+        objects = (cut,) if cut is not None else ()
     plain = _blank(masked, ((o.start, o.end) for o in objects)) if objects else masked
     return _Answer(text, plain, objects, _RATIONALE_RE.search(plain))
 
@@ -737,6 +740,33 @@ def _json_objects(text: str) -> tuple[_JNode, ...]:
             found.append(parsed[0])
             pos = parsed[1]
     return tuple(found)
+
+
+def _json_cut_object(text: str) -> _JNode | None:
+    """The pairs completed before the cut of a JSON object that `max_tokens` cut short: every
+    pair whose value ended and was followed by a comma; the pair at the cut is dropped (a number
+    or a string cut there may be incomplete). So a verdict or the ratings, which the schemas put
+    first, survive a rationale that ran past `max_tokens`; None when no pair was complete."""
+    start = text.find("{")
+    pairs: list[tuple[str, _JNode]] = []
+    i = start + 1
+    while True:
+        i = _JSON_WS_RE.match(text, i).end()  # type: ignore[union-attr]
+        key = _json_string(text, i) if i < len(text) and text[i] in _JSON_STRING_RES else None
+        if key is None:
+            break
+        i = _JSON_WS_RE.match(text, key[1]).end()  # type: ignore[union-attr]
+        if not text.startswith(":", i):
+            break
+        value = _json_value(text, i + 1, 0)
+        if value is None:
+            break
+        i = _JSON_WS_RE.match(text, value[1]).end()  # type: ignore[union-attr]
+        if not text.startswith(",", i):
+            break  # the value may go on past the cut
+        pairs.append((str(key[0].value), value[0]))
+        i += 1
+    return _JNode("object", pairs, start, len(text)) if pairs else None
 
 
 def _json_string(text: str, i: int) -> tuple[_JNode, int] | None:
