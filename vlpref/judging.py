@@ -1409,7 +1409,7 @@ def _aspect_label_re(aspect: str) -> re.Pattern[str]:
 @cache
 def _aspect_prose_re(aspect: str) -> re.Pattern[str]:
     """Sentences: "harmlessness is 4 out of 5", "helpfulness gets a 3", "I rate its faithfulness
-    at 5"; the match ends where the score starts."""
+    at 5", "..., the helpfulness 3 out of 5"; the match ends where the score starts."""
     name = re.escape(aspect)
     return re.compile(
         rf"(?<![A-Za-z0-9_]){name}(?:{_SP}(?:score|rating))?{_SP}(?:is|was|gets|receives|deserves|"
@@ -1417,7 +1417,9 @@ def _aspect_prose_re(aspect: str) -> re.Pattern[str]:
         rf"(?:{_SP}(?:at|as))?|at|of){_SP}(?:an?{_SP})?(?:(?:score|rating){_SP}of{_SP})?"
         r"(?=[*_\"'`]{0,8}\d)"
         rf"|\b(?:rate|give|assign|award|score){_SP}(?:the{_SP})?(?:response(?:['’]s)?{_SP}|its{_SP})?"
-        rf"{name}{_SP}(?:(?:as|at|an?){_SP})?(?:score{_SP}of{_SP})?(?=[*_\"'`]{{0,8}}\d)",
+        rf"{name}{_SP}(?:(?:as|at|an?){_SP})?(?:score{_SP}of{_SP})?(?=[*_\"'`]{{0,8}}\d)"
+        # a list after "I would rate ...": "the helpfulness 3 out of 5" (the scale makes it one)
+        rf"|(?<![A-Za-z0-9_]){name}{_SP}(?=[*_\"'`]{{0,8}}[1-5](?:{_SP}out{_SP}of{_SP}5\b|/5\b))",
         re.IGNORECASE,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jsonschema  # type: ignore[import-untyped]  # a dev dependency: missing fails loudly
 import pytest
 
 from tests.sim.helpers import (
@@ -29,8 +30,6 @@ from vlpref.sim.constraints import (
     schema_aspects,
 )
 from vlpref.sim.styles import normalise_styles
-
-jsonschema: Any = pytest.importorskip("jsonschema")
 
 CANONICAL = p.PersonaSettings("judge")
 DRIFTING = p.PersonaSettings("judge", styles=normalise_styles("all"))

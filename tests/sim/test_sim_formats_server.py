@@ -7,14 +7,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import jsonschema  # type: ignore[import-untyped]  # a dev dependency: missing fails loudly
 import openai
 import pytest
 
 from tests.sim.helpers import JAIL, REFUSE, SAFE, pairwise_prompt, rating_prompt, safety_prompt
 from tests.sim.test_sim_guards import md_judge, shieldgemma
 from tests.sim.test_sim_server import png_data_url, user
-
-jsonschema: Any = pytest.importorskip("jsonschema")
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

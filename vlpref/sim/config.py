@@ -136,6 +136,9 @@ class ModelConfig(_Strict):
     styles: str | list[str] | dict[str, Any] | None = None
     # Answer `logprobs: null` even when the request asks for logprobs (many hosted APIs do).
     drop_logprobs: bool = False
+    # judge drift: the share of corrective re-asks (the task, the answer, "answer again in this
+    # format") answered in the canonical format; the others drift again like a first answer.
+    follows_corrections: float = Field(default=0.9, ge=0, le=1)
     # A request without `seed` is answered with a seed drawn from its body and arrival count:
     # sending it again gives another answer (temperature > 0), as hosted APIs do.
     nondeterministic: bool = False

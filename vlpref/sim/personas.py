@@ -168,6 +168,7 @@ class PersonaSettings:
     position_bias: float = 0.0
     # judge drift: task kind -> style -> weight (`styles.normalise_styles`); empty: canonical
     styles: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    follows_corrections: float = 0.9  # share of corrective re-asks answered canonically
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +180,8 @@ class Prompt:
     images: tuple[ImageInfo, ...] = ()
     # The text of the last message when it is an assistant turn (a guard judges it), else None.
     response_text: str | None = None
+    # A corrective re-ask: the task's turn, an answer, then a user turn naming the format wanted.
+    corrected: bool = False
 
 
 # ----------------------------------------------------------------------------- seeding
@@ -249,6 +252,11 @@ def _topic(words: Sequence[str], n: int = 3) -> str:
 
 def _pick_word(words: Sequence[str], rng: random.Random, default: str) -> str:
     return rng.choice(words[:6]) if words else default
+
+
+def has_task(text: str) -> bool:
+    """Whether a user message holds a judge `TASK:` line."""
+    return _TASK_RE.search(text) is not None
 
 
 def _question_of(user_text: str) -> str:
@@ -906,5 +914,7 @@ def generate(
     weights = settings.styles.get(answer.kind)
     if not weights:
         return canonical
+    if prompt.corrected and rng.random() < settings.follows_corrections:
+        return canonical  # told the exact format, a drifting judge mostly writes it
     style = styles.draw_style(weights, rng)
     return styles.render(answer, canonical, style, rng)

@@ -128,6 +128,7 @@ class ChatRequest:
     images: tuple[personas.ImageInfo, ...]
     constraint: Constraint | None = None  # response_format / structured_outputs
     response_text: str | None = None  # the final message's text when it is an assistant turn
+    corrected: bool = False  # a corrective re-ask of a task (see _scan_messages)
 
 
 @dataclass(slots=True)
@@ -217,13 +218,17 @@ class ImageCache:
 
 def _scan_messages(
     messages: list[Any], images: ImageCache
-) -> tuple[list[str], str, list[personas.ImageInfo], str | None]:
-    """All text parts, the last user message's text, the images, and the final message's text
-    when it is an assistant turn (a conversation for a guard to judge)."""
+) -> tuple[list[str], str, list[personas.ImageInfo], str | None, bool]:
+    """All text parts, the last user message's text, the images, the final message's text when
+    it is an assistant turn (a conversation for a guard to judge), and whether the conversation
+    is a corrected task: a user turn with a `TASK:` line, an assistant answer, then a user turn
+    without one (a corrective re-ask). Then the task's turn stays the user text the judge reads."""
     texts: list[str] = []
     infos: list[personas.ImageInfo] = []
     user_text = ""
     final_assistant: str | None = None
+    corrected = False
+    answered = False
     for msg in messages:
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
             raise ApiError(400, "Each message needs a string 'role'.", param="messages")
@@ -238,9 +243,16 @@ def _scan_messages(
             raise ApiError(400, "'content' must be a string or an array.", param="messages")
         texts.extend(own)
         if msg["role"] == "user":
-            user_text = "\n".join(own)
+            text = "\n".join(own)
+            if answered and personas.has_task(user_text) and not personas.has_task(text):
+                corrected = True  # a correction of the task above: the task is still that one
+            else:
+                user_text, corrected = text, False
+            answered = False
+        elif msg["role"] == "assistant":
+            answered = True
         final_assistant = "\n".join(own) if msg["role"] == "assistant" else None
-    return texts, user_text, infos, final_assistant
+    return texts, user_text, infos, final_assistant, corrected
 
 
 def _scan_part(
@@ -282,7 +294,7 @@ def parse_chat(body: bytes, config: SimConfig, images: ImageCache) -> ChatReques
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
-    texts, user_text, infos, final_assistant = _scan_messages(messages, images)
+    texts, user_text, infos, final_assistant, corrected = _scan_messages(messages, images)
     try:
         constraint = parse_constraint(data)
     except ConstraintError as exc:
@@ -315,6 +327,7 @@ def parse_chat(body: bytes, config: SimConfig, images: ImageCache) -> ChatReques
         images=tuple(infos),
         constraint=constraint,
         response_text=final_assistant,
+        corrected=corrected,
     )
 
 
@@ -370,6 +383,7 @@ def complete(
         user_text=req.user_text,
         images=req.images,
         response_text=req.response_text,
+        corrected=req.corrected,
     )
     choices = []
     completion_tokens = 0
@@ -425,6 +439,7 @@ class SimState:
                     malformed_rate=mc.malformed_rate,
                     position_bias=mc.position_bias,
                     styles=styles.normalise_styles(mc.styles),
+                    follows_corrections=mc.follows_corrections,
                 ),
                 latency=config.latency_for(name),
                 faults=config.faults_for(name),
