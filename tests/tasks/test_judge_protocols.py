@@ -134,6 +134,9 @@ def test_constrained_judge_calls_all_yield_judgments(
     rows = out.rows.to_pylist()
     assert all(r["from_logprobs"] for r in rows)
     assert all(json.loads(r["raw"]) for r in rows)  # the answers were JSON objects
+    # The judge's constraint never reaches the response models on the same endpoint: the sim
+    # would have answered them in JSON too.
+    assert not any(t.lstrip().startswith("{") for t in responses["text"].to_pylist())
 
 
 class Recorder:
@@ -220,7 +223,7 @@ def test_an_unreadable_answer_is_reasked_with_a_corrective_turn(
     retries = [b for b in recorder.bodies if len(b["messages"]) == 3]
     assert len(retries) == n
     for body in retries:
-        asked, answer, correction = body["messages"]
+        _asked, answer, correction = body["messages"]
         assert answer == {"role": "assistant", "content": "Hmm, hard to say."}
         assert correction["role"] == "user"
         text = (
