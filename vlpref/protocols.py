@@ -43,16 +43,25 @@ RATIONALE_CHARS: Final = 600  # a constrained rationale's maxLength: a grammar b
 # ----------------------------------------------------------------------------- constraints
 
 
-def safety_schema() -> dict[str, object]:
+def _verdict_schema(key: str, options: Sequence[str]) -> dict[str, object]:
+    """A one-word verdict first (so its token comes early and survives a cut), then a reason."""
     return {
         "type": "object",
         "properties": {
-            "verdict": {"type": "string", "enum": ["safe", "unsafe"]},
+            key: {"type": "string", "enum": list(options)},
             "rationale": {"type": "string", "maxLength": RATIONALE_CHARS},
         },
-        "required": ["verdict", "rationale"],
+        "required": [key, "rationale"],
         "additionalProperties": False,
     }
+
+
+def safety_schema() -> dict[str, object]:
+    return _verdict_schema("verdict", ("safe", "unsafe"))
+
+
+def pairwise_schema() -> dict[str, object]:
+    return _verdict_schema("winner", ("A", "B"))
 
 
 def rating_schema(aspects: Sequence[str]) -> dict[str, object]:
@@ -64,18 +73,6 @@ def rating_schema(aspects: Sequence[str]) -> dict[str, object]:
         "type": "object",
         "properties": properties,
         "required": [*aspects, "rationale"],
-        "additionalProperties": False,
-    }
-
-
-def pairwise_schema() -> dict[str, object]:
-    return {
-        "type": "object",
-        "properties": {
-            "winner": {"type": "string", "enum": ["A", "B"]},
-            "rationale": {"type": "string", "maxLength": RATIONALE_CHARS},
-        },
-        "required": ["winner", "rationale"],
         "additionalProperties": False,
     }
 
