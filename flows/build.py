@@ -28,6 +28,7 @@ from vlpref.config import RunConfig, load_config
 from vlpref.errors import BuildError, ConfigError, NothingToPublish
 from vlpref.gctune import throughput_gc
 from vlpref.records import schema_fingerprint
+from vlpref.redact import install_log_redaction, redact
 from vlpref.retry import check_policy, retryable_count
 from vlpref.run_summary import RunSummary, stage_alert, summarize
 from vlpref.scheduling import AnswerBudget
@@ -416,6 +417,7 @@ def build_dataset(
     version's id."""
     from flows.publish import publish_version
 
+    install_log_redaction()  # keys never reach a log record, Prefect's API logs included
     run_config = load_config(config)
     if retry_failed is not None:
         run_config = run_config.model_copy(update={"retry_failed": check_policy(retry_failed)})
@@ -433,7 +435,8 @@ def build_dataset(
             try:
                 refs[branch_id] = {stage: futures[stage].result() for stage in STAGES}
             except Exception as exc:  # reported below; the flow fails after the artifact
-                failed.append(f"{branch_id}: {type(exc).__name__}: {exc}")
+                # Redacted: the cause becomes the flow's state message and the artifact.
+                failed.append(f"{branch_id}: {type(exc).__name__}: {redact(str(exc))}")
         summary = _report(run_config, leaves, refs, failed)
         if failed:
             raise BuildError(failed, workspace=run_config.workspace)

@@ -9,10 +9,19 @@ A version is written branch by branch (see `vlpref.store`). A branch is
   shared as they are.
 
 Shared files are hard links where the filesystem allows it, copies elsewhere.
+
+What a version publishes names no local folder and holds no key (README "Security"): the
+manifest's stage settings give a local image source as written in the config, an absolute one
+relative to the config file's folder (`published_stages`); the failures table's item ids and
+reasons name the config's folder, the workspace and the store relative to the config file's
+folder (`LocalRoots`), and are redacted once more (`vlpref.redact`: a stage output written before
+redaction existed, or by a plug-in stage, is published clean too).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +35,7 @@ from tasks.publish import branch_parts, dataset_card
 from vlpref import __version__
 from vlpref.config import ModelEntry, RunConfig
 from vlpref.prompts import prompt_versions
+from vlpref.redact import redact
 from vlpref.store import Part, SharedFile, Store, Version
 from vlpref.taxonomy import Subcategory, Taxonomy
 from vlpref.workspace import StageRef, Workspace, stage_key
@@ -57,13 +67,91 @@ def code_version() -> str:
     return f"{__version__}+g{commit}"
 
 
-def branch_tables(workspace: Workspace, refs: dict[str, StageRef]) -> dict[str, pa.Table]:
-    """One branch's tables, failures of every stage included."""
+def config_dir(config: RunConfig) -> Path:
+    """The folder of the config file, which its relative paths are relative to."""
+    return Path(config.source_file).resolve().parent if config.source_file else Path.cwd()
+
+
+def _relative(path: str, base: Path) -> str:
+    """An absolute local path relative to `base` (`../x` above it); anything else as it is."""
+    if "://" in path or not os.path.isabs(path):
+        return path
+    try:
+        return Path(os.path.relpath(path, base)).as_posix()
+    except ValueError:  # another drive (Windows): the name alone
+        return Path(path).name
+
+
+class LocalRoots:
+    """The run's absolute local folders (the config's folder, the workspace, the store) and how
+    published text names them: relative to the config file's folder, as the config would."""
+
+    def __init__(self, config: RunConfig) -> None:
+        base = config_dir(config)
+        self._names = {os.path.normpath(base): "."}
+        for location in (config.workspace, config.store):
+            if "://" not in location and os.path.isabs(location):
+                self._names[os.path.normpath(location)] = _relative(location, base)
+        # The longest first: a workspace inside the config's folder is named as the workspace.
+        ordered = sorted(self._names, key=len, reverse=True)
+        self._pattern = re.compile(
+            r"(?<![\w.-])(?P<root>" + "|".join(map(re.escape, ordered)) + r")(?P<slash>/)?"
+        )
+
+    def _name(self, match: re.Match[str]) -> str:
+        name = self._names[match["root"]]
+        if match["slash"]:
+            return "" if name == "." else f"{name}/"
+        following = match.string[match.end() : match.end() + 2]
+        if following[:1] == "." and following[1:].strip() == "":
+            return name  # the end of a sentence
+        if following and (following[0].isalnum() or following[0] in "_.-"):
+            return match[0]  # another folder that begins alike (/tmp/run2 beside /tmp/run)
+        return name
+
+    def text(self, text: str) -> str:
+        """`text` redacted, with the run's local folders named relative to the config's."""
+        return self._pattern.sub(self._name, redact(text))
+
+
+def published_failures(failures: pa.Table, roots: LocalRoots) -> pa.Table:
+    """The failures table as published: item ids and reasons through `roots.text`."""
+    for column in ("item_id", "reason"):
+        index = failures.schema.get_field_index(column)
+        values = failures[column].to_pylist()
+        clean = [roots.text(v) if isinstance(v, str) else v for v in values]
+        if clean != values:
+            field = failures.schema.field(index)
+            failures = failures.set_column(index, field, pa.array(clean, type=field.type))
+    return failures
+
+
+def branch_tables(
+    workspace: Workspace, refs: dict[str, StageRef], roots: LocalRoots | None = None
+) -> dict[str, pa.Table]:
+    """One branch's tables, failures of every stage included (through `published_failures`
+    when `roots` is given)."""
     tables = {name: workspace.read(refs[stage], name) for name, stage in TABLE_SOURCES.items()}
-    tables["failures"] = pa.concat_tables(
-        [workspace.read(ref, "failures") for ref in refs.values()]
-    )
+    failures = pa.concat_tables([workspace.read(ref, "failures") for ref in refs.values()])
+    tables["failures"] = published_failures(failures, roots) if roots is not None else failures
     return tables
+
+
+SOURCE_PATHS = ("path", "root")  # the fields of an image source that name local files
+
+
+def published_stages(config: RunConfig) -> dict[str, Any]:
+    """The stage settings as the manifest records them: a local image source's folders
+    (`SOURCE_PATHS`) as the config writes them, absolute ones relative to the config file's
+    folder. (The config's hash is of the settings as written.)"""
+    stages: dict[str, Any] = config.stages.model_dump(mode="json")
+    base = config_dir(config)
+    images = stages["images"]
+    for source in (images["source"], *images["overrides"].values()):
+        for key in SOURCE_PATHS:
+            if isinstance(source.get(key), str):
+                source[key] = _relative(source[key], base)
+    return stages
 
 
 def model_safety_counts(tables: dict[str, pa.Table]) -> dict[str, dict[str, float]]:
@@ -148,6 +236,7 @@ def publish_version(
     parent = store.open(latest.version_id) if latest else None
     parent_branches: dict[str, Any] = parent.manifest.get("branches", {}) if parent else {}
     branches: dict[str, dict[str, Any]] = {}
+    roots = LocalRoots(config)
 
     def parts() -> Iterator[tuple[str, Part]]:
         """Each branch's parts in turn: the store writes them as they come, so memory holds one
@@ -176,7 +265,7 @@ def publish_version(
                     status="reused", rows=previous["rows"], model_safety=previous["model_safety"]
                 )
             else:
-                tables = branch_tables(workspace, branch_refs)
+                tables = branch_tables(workspace, branch_refs, roots)
                 info.update(
                     status="built",
                     rows={name: tbl.num_rows for name, tbl in tables.items()},
@@ -206,7 +295,7 @@ def publish_version(
             "models": [_entry(config, m) for m in config.models],
             "generator": _entry(config, config.generator),
             "judges": [_entry(config, j) for j in config.judges],
-            "stages": config.stages.model_dump(mode="json"),
+            "stages": published_stages(config),
             "only": only,
             "rebuilt": sorted(b["path"] for b in branches.values() if b["status"] == "built"),
             "branches": branches,

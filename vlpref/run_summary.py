@@ -17,6 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from vlpref.redact import redact
+
 STAGE_ORDER = ("images", "questions", "responses", "judge", "pairs")
 # The pairs stage's failures are selection outcomes (a question with no pair), not lost work;
 # they are summarised with the rest but never raise an alert.
@@ -165,7 +167,10 @@ def failure_reasons(failures: Iterable[pa.Table], *, top: int = 12) -> tuple[Fai
     out = []
     for (stage, kind), reasons in groups.items():
         reason, _ = reasons.most_common(1)[0]
-        shown = reason if len(reason) <= REASON_WIDTH else reason[: REASON_WIDTH - 1] + "…"
+        # The summary becomes a Prefect artifact: redacted (a stage output written before
+        # redaction existed may hold an echoed key), and before it is cut.
+        shown = redact(reason)
+        shown = shown if len(shown) <= REASON_WIDTH else shown[: REASON_WIDTH - 1] + "…"
         out.append(
             FailureReason(
                 stage, kind, sum(reasons.values()), examples[(stage, kind, reason)], shown

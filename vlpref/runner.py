@@ -19,6 +19,9 @@ once, on the first of them in batch order; the others get the same sample with n
 (`SampleUsage.shared`). Summing `usage` over a batch's results therefore counts every call once,
 and the assignment depends only on the batch, not on what the journal already held: a build
 resumed after a kill carries the same usage as a clean one.
+
+Failures are not journaled. Their messages are redacted here (`vlpref.redact`), whichever
+provider built them, before anything downstream (early stop, stages, logs) sees them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from vlpref.chat import ChatRequest, ChatResult, Sample, Usage, split_usage
 from vlpref.journal import Journal, JournalEntry
 from vlpref.keys import request_fingerprint, sample_key
 from vlpref.providers.base import Provider
+from vlpref.redact import redact
 
 
 @dataclass(slots=True)
@@ -173,6 +177,12 @@ async def run_requests(
     if not to_send:
         return
     async for result in provider.complete(to_send):
+        if result.failure is not None:
+            # Every provider's failures enter vlpref here, a plug-in's too: a message that quotes
+            # a key (an endpoint's echo) is redacted before a stage, a log or a table has it.
+            clean = redact(result.failure.message)
+            if clean != result.failure.message:
+                result = replace(result, failure=replace(result.failure, message=clean))
         group = pending.pop(id(result.request))
         stats.sent += 1
         merged = dict(group.have)

@@ -91,6 +91,7 @@ from vlpref.config import SECRET_FIELDS
 from vlpref.errors import StoreError
 from vlpref.fs import AbstractFileSystem, is_local, join, resolve
 from vlpref.records import SCHEMAS
+from vlpref.redact import contains_secret
 
 __all__ = [
     "COMPLETE",
@@ -194,7 +195,9 @@ def find_secret(data: Any, where: str = "manifest") -> str | None:
     """The path of the first thing in `data` that looks like a secret, or None.
 
     A key named like a credential (api_key, token, password, secret, ...) counts whatever its
-    value; so does a string value shaped like a known key format (`sk-...`, `hf_...`, ...).
+    value; so does a string value shaped like a known key format (`sk-...`, `hf_...`, ...), or
+    one that `vlpref.redact` would redact (a registered key of this run, `Bearer ...`, a URL's
+    password, the shapes of `vlpref.redact.KEY_SHAPES`).
     """
     if isinstance(data, Mapping):
         for key, value in data.items():
@@ -209,7 +212,7 @@ def find_secret(data: Any, where: str = "manifest") -> str | None:
             found = find_secret(value, f"{where}[{index}]")
             if found:
                 return found
-    elif isinstance(data, str) and _SECRET_VALUE.match(data):
+    elif isinstance(data, str) and (_SECRET_VALUE.match(data) or contains_secret(data)):
         return where
     return None
 

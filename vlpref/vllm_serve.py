@@ -59,6 +59,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vlpref.errors import ConfigError, VlprefError
+from vlpref.redact import is_credential_name, redact
 
 if TYPE_CHECKING:
     from vlpref.config import RunConfig
@@ -110,9 +111,10 @@ class ServeOptions(BaseModel):
     @classmethod
     def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if any(word in name.upper() for word in ("KEY", "TOKEN", "SECRET", "PASSWORD")):
+            if is_credential_name(name):  # the rule of README "Security" (vlpref/redact.py)
                 raise ValueError(
-                    f"{name!r} looks like a secret; servers inherit the environment, set it there"
+                    f"{redact(name)!r} looks like a secret; servers inherit the environment, set "
+                    "it there"
                 )
         return value
 

@@ -72,6 +72,13 @@ from vlpref.errors import ProviderError
 from vlpref.keys import unique_ids
 from vlpref.providers.base import Provider
 from vlpref.providers.ratelimit import RateLimiter, retry_after_seconds
+from vlpref.redact import (
+    is_block_name,
+    is_credential_name,
+    is_env_var_name,
+    redact,
+    register_secret,
+)
 from vlpref.vllm_serve import ServeOptions
 
 try:  # orjson comes with prefect; it encodes a data-URL image ~80x faster than json (bench/)
@@ -106,9 +113,15 @@ PLATFORM_HEADERS = (
 
 
 class OpenAICompatOptions(BaseModel):
-    """The endpoint entry of a run config for `kind: openai`."""
+    """The endpoint entry of a run config for `kind: openai`.
 
-    model_config = ConfigDict(extra="forbid")
+    No key is ever written here (README "Security"): `api_key_env` is the name of an environment
+    variable, `api_key_secret` the name of a Prefect Secret block, and `headers` and `extra_body`
+    may not carry a field named like a credential (`vlpref.redact.is_credential_name`). Errors do
+    not quote their input (`hide_input_in_errors`): a ValidationError raised in a Prefect task
+    would otherwise store a mistyped key in Prefect's database."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     kind: Literal["openai"] = "openai"
     base_url: str = "https://api.openai.com/v1"
@@ -160,15 +173,65 @@ class OpenAICompatOptions(BaseModel):
         openai_hosts = ("api.openai.com", ".openai.azure.com")
         return "openai" if host.endswith(openai_hosts) else "vllm"
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_var_name(cls, value: str | None) -> str | None:
+        if value is not None and not is_env_var_name(value):
+            raise ValueError(
+                "expected the NAME of an environment variable (letters, digits and '_', not "
+                "starting with a digit) that holds the key, not the key itself"
+            )
+        return value
+
+    @field_validator("api_key_secret")
+    @classmethod
+    def _block_name(cls, value: str | None) -> str | None:
+        if value is not None and not is_block_name(value):
+            raise ValueError(
+                "expected the name of a Prefect Secret block (lowercase letters, digits and '-') "
+                "that holds the key, not the key itself"
+            )
+        return value
+
     @field_validator("headers")
     @classmethod
     def _no_secret_headers(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if name.lower() in {"authorization", "api-key", "x-api-key"}:
+            if is_credential_name(name):
                 raise ValueError(
-                    f"header {name!r} would put a secret in the config; use api_key_env instead"
+                    f"header {redact(name)!r} is named like a credential (README, Security): it "
+                    "would put a secret in the config; use api_key_env instead"
                 )
         return value
+
+    @field_validator("extra_body")
+    @classmethod
+    def _no_secret_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        found = _credential_field(value)
+        if found is not None:
+            raise ValueError(
+                f"extra_body field {redact(found)!r} is named like a credential (README, "
+                "Security): it would put a secret in the config; use api_key_env instead"
+            )
+        return value
+
+
+def _credential_field(value: Any, where: str = "") -> str | None:
+    """The path of the first field named like a credential in an `extra_body` value, or None."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if is_credential_name(str(key)):
+                return path
+            found = _credential_field(item, path)
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _credential_field(item, f"{where}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 class _RetryableError(Exception):
@@ -269,7 +332,8 @@ def parse_completion(body: bytes) -> tuple[tuple[Sample, ...], Usage]:
         choices = data["choices"]
         samples = tuple(sorted((_parse_choice(c) for c in choices), key=lambda s: s.index))
     except (ValueError, KeyError, TypeError) as exc:
-        snippet = body[:120].decode("utf-8", "replace")
+        # Redacted before it is cut, so that no key is cut short of its redactable shape.
+        snippet = redact(body[:4096].decode("utf-8", "replace"))[:120]
         raise _RetryableError(
             "malformed", f"not a chat completion ({exc}): {snippet!r}", 200, None
         ) from exc
@@ -349,12 +413,14 @@ def _classify(exc: BaseException) -> _RetryableError | _FinalError:
 
 
 def _error_message(exc: openai.APIStatusError) -> str:
+    """The endpoint's error message, redacted before it is cut to 300 characters (a key cut in
+    half would no longer be recognised)."""
     body = exc.body
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])[:300]
-    return str(exc.message)[:300]
+            return redact(str(inner["message"]))[:300]
+    return redact(str(exc.message))[:300]
 
 
 class OpenAICompatProvider(Provider):
@@ -390,6 +456,7 @@ class OpenAICompatProvider(Provider):
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def _resolve_api_key(self) -> str:
+        """The endpoint's key, registered for redaction (`vlpref.redact`) before it is used."""
         opts = self.options
         if opts.api_key_env:
             key = os.environ.get(opts.api_key_env)
@@ -398,12 +465,15 @@ class OpenAICompatProvider(Provider):
                     f"environment variable {opts.api_key_env!r} (api_key_env of the endpoint at "
                     f"{opts.base_url}) is not set"
                 )
+            register_secret(key)
             return key
         if opts.api_key_secret:
             from prefect.blocks.system import Secret
 
             secret: Secret[str] = await Secret.aload(opts.api_key_secret)
-            return str(secret.get())
+            value = str(secret.get())
+            register_secret(value)
+            return value
         # Local servers (vLLM, the sim) accept any key; the SDK insists on one.
         return "EMPTY"
 
@@ -532,10 +602,14 @@ class OpenAICompatProvider(Provider):
 
     @staticmethod
     def _failed(request: ChatRequest, exc: Exception, attempts: int, started: float) -> ChatResult:
+        """Every failure of this provider is built here, from the last attempt's error, whose
+        message may quote the endpoint (an error body that repeats the key it received, a
+        proxy's echo of the headers): redacted here, before the early-stop probe, a stage, a
+        log line or a published table sees it."""
         err = _classify(exc)
         return ChatResult(
             request,
-            failure=Failure(err.kind, str(err), err.status, attempts),
+            failure=Failure(err.kind, redact(str(err)), err.status, attempts),
             latency_s=time.perf_counter() - started,
             attempts=attempts,
         )

@@ -75,6 +75,7 @@ from vlpref.chat import (
 )
 from vlpref.errors import ProviderError
 from vlpref.providers.base import Provider
+from vlpref.redact import redact
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +296,9 @@ def map_output(request: ChatRequest, output: Any, tokenizer: Any, latency_s: flo
 
 
 def _engine_failure(request: ChatRequest, exc: BaseException, latency_s: float) -> ChatResult:
-    message = f"{type(exc).__name__}: {exc}"[:500]
+    """An engine's exception as a failure; its message may quote anything (a hub token in a
+    download error): redacted (`vlpref.redact`), like every provider failure."""
+    message = redact(f"{type(exc).__name__}: {exc}")[:500]
     return ChatResult(request, failure=Failure("engine", message), latency_s=latency_s, attempts=1)
 
 
