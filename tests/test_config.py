@@ -44,6 +44,17 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+# What `vlpref check` needs besides GOOD itself: the key variable of its `hosted` endpoint.
+GOOD_ENV = {"EXAMPLE_API_KEY": "not-a-real-key"}
+
+
+def write_good(tmp_path: Path, text: str = GOOD) -> Path:
+    """GOOD (or `text`) as tmp_path/run.yaml, with the taxonomy.yaml it names beside it (the demo
+    taxonomy), so that `vlpref check` finds everything a run needs."""
+    (tmp_path / "taxonomy.yaml").write_text((TAXONOMY_DIR / "demo.yaml").read_text())
+    return write(tmp_path, text)
+
+
 def test_a_good_config_loads_with_paths_resolved(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD))
     assert [m.name for m in config.models] == ["refuser", "hosted-model"]

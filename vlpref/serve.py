@@ -15,9 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vlpref.errors import ConfigError
+from vlpref.yamlfile import load_yaml
 
 _ENV = re.compile(r"\{\{\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -46,10 +45,7 @@ def read_deployments(
 ) -> list[dict[str, Any]]:
     """The deployment entries of a prefect.yaml, templated; `config` sets VLPREF_CONFIG."""
     path = Path(prefect_yaml)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read: {exc}", file=str(path)) from exc
+    data = load_yaml(path)[0] or {}  # duplicate keys and alias bombs are refused
     entries = data.get("deployments")
     if not isinstance(entries, list) or not entries:
         raise ConfigError("no deployments", file=str(path), field="deployments")

@@ -38,6 +38,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from vlpref.errors import ConfigError
 from vlpref.resources import builtin_taxonomy, is_builtin
+from vlpref.yamlfile import YamlLimitError, compose_yaml, read_yaml_text
 
 __all__ = [
     "KEY_PHRASE_MAX_CHARS",
@@ -304,17 +305,16 @@ def load_taxonomy(path: str | Path) -> Taxonomy:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read taxonomy file: {exc}", file=file) from exc
-    return loads_taxonomy(text, file=file)
+    return loads_taxonomy(read_yaml_text(path, "taxonomy file"), file=file)
 
 
 def loads_taxonomy(text: str, *, file: str = "<string>") -> Taxonomy:
-    """Parse and validate taxonomy YAML text; `file` is only used in error messages."""
+    """Parse and validate taxonomy YAML text; `file` is only used in error messages. The YAML
+    loader's bounds apply (vlpref/yamlfile.py: no duplicate keys, bounded aliases)."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = compose_yaml(text, duplicate_keys=True)  # _Reader.mapping refuses them, by path
+    except YamlLimitError as exc:
+        raise ConfigError(exc.message(), file=file, field=exc.field) from exc
     except yaml.MarkedYAMLError as exc:
         # Say the line once, ours, instead of yaml's '<unicode string>' excerpts.
         mark = exc.problem_mark or exc.context_mark

@@ -53,6 +53,7 @@ from pydantic import (
 
 from vlpref.errors import ConfigError
 from vlpref.sim.styles import normalise_styles
+from vlpref.yamlfile import loads_yaml, read_yaml_text, yaml_error
 
 PersonaName = Literal[
     "refuser",
@@ -211,10 +212,11 @@ def load_config(source: SimConfig | Mapping[str, Any] | str | Path) -> SimConfig
     file: str | None = None
     if isinstance(source, str | Path):
         file = str(source)
+        text = read_yaml_text(source, "sim config")
         try:
-            data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read sim config: {exc}", file=file) from exc
+            data, _ = loads_yaml(text)  # duplicate keys and alias bombs are refused
+        except yaml.YAMLError as exc:
+            raise yaml_error(exc, file) from exc
     else:
         data = dict(source)
     if not isinstance(data, Mapping):

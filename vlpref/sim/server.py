@@ -3,7 +3,9 @@
 Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, and the introspection
 endpoints GET /sim/counters, GET /sim/requests, POST /sim/reset.
 
-Images: data URLs are base64-decoded and verified with Pillow; http(s) image URLs are
+Images: data URLs are base64-decoded and verified with Pillow; one larger than Pillow's
+`MAX_IMAGE_PIXELS` (a decompression bomb) is a 400 `image_too_large`, read no further than its
+header, never a 500 that a client would retry. http(s) image URLs are
 accepted but never fetched (the sim runs offline), so they carry no size. Streaming is not
 supported (400). `top_p` and `stop` are accepted and ignored. A conversation may end with an
 assistant turn (the guard personas judge it).
@@ -38,6 +40,7 @@ import math
 import sys
 import time
 import traceback
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,9 +193,20 @@ def inspect_image_url(url: str) -> personas.ImageInfo:
         raise _bad_image("not a base64 data URL")
     try:
         raw = base64.b64decode(payload, validate=False)
-        with Image.open(io.BytesIO(raw)) as im:
-            width, height = im.size
-            im.verify()
+        with warnings.catch_warnings():
+            # Past MAX_IMAGE_PIXELS Pillow warns, past twice that it raises: both are refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as im:
+                width, height = im.size
+                im.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # A client error, as the API answers it: a 500 would be retried, to the same end.
+        raise ApiError(
+            400,
+            f"The image is too large: {exc} The limit is {Image.MAX_IMAGE_PIXELS:,} pixels.",
+            param="messages",
+            code="image_too_large",
+        ) from exc
     except (binascii.Error, ValueError, OSError, SyntaxError) as exc:
         raise _bad_image(type(exc).__name__) from exc
     return personas.ImageInfo(width, height)
