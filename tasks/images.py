@@ -8,6 +8,11 @@ reason. A duplicate (same `image_id` as an earlier item of the branch) is a fail
 n_failed` stays exact, and `extra["duplicates"]` counts them for anyone who wants errors only.
 Manifest rows of other branches are not this branch's input: `extra["skipped_rows"]`.
 
+What is published names local files relative to the source's root and URLs as `safe_url` gives
+them (item ids, `source_meta`, failure reasons): no absolute path, no credential. Local files are
+read only inside the root, URLs fetched only where the source's `HostGuard` allows, and decoding
+shares the process's pixel budget (`decode_pixel_budget`); see vlpref/images/.
+
 The function is synchronous (it runs inside a Prefect task's worker thread); reading, downloading
 and normalising run on one private event loop, CPU work in threads, with bounded concurrency.
 Output order follows the source's order, whatever order downloads finish in.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -26,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
-
 from vlpref.config import (
     FolderSource,
     ImageSource,
@@ -36,6 +40,7 @@ from vlpref.config import (
     TypographicSource,
 )
 from vlpref.errors import ConfigError
+from vlpref.images.netguard import HostGuard
 from vlpref.images.normalize import (
     ImageRejected,
     NormalizedImage,
@@ -45,6 +50,8 @@ from vlpref.images.normalize import (
 )
 from vlpref.images.sources import (
     Fetched,
+    ImageClient,
+    LocalRoot,
     SourceItem,
     SourceListing,
     fetch_url,
@@ -52,8 +59,10 @@ from vlpref.images.sources import (
     list_manifest,
     make_client,
     read_local,
+    source_guard,
 )
 from vlpref.images.typographic import FONT_NAME, RENDERER, TypographicVariant, render, variants
+from vlpref.images.urls import safe_url
 from vlpref.records import IMAGES, table
 from vlpref.stage import FailureRow, StageOutput
 from vlpref.taxonomy import Subcategory, Taxonomy
@@ -130,7 +139,8 @@ def collect_images(leaf: Subcategory, stage: ImagesStage, *, base_dir: Path) -> 
     choice = choose_source(leaf, stage)
     listing, typo = list_items(choice, leaf, base_dir=base_dir)
     canvas = choice.source.size if isinstance(choice.source, TypographicSource) else 0
-    loaded = _run(_load_all(listing.items, typo, canvas, stage))
+    guard = source_guard(choice.source) if isinstance(choice.source, ManifestSource) else None
+    loaded = _run(_load_all(listing, typo, canvas, stage, guard))
 
     rows: list[dict[str, Any]] = []
     failures: list[FailureRow] = list(listing.failures)
@@ -177,16 +187,19 @@ _Outcome = tuple[NormalizedImage, dict[str, Any]] | ImageRejected
 
 
 async def _load_all(
-    items: list[SourceItem],
+    listing: SourceListing,
     typo: dict[int, TypographicVariant],
     canvas: int,
     stage: ImagesStage,
+    guard: HostGuard | None,
 ) -> list[_Outcome]:
+    items, root = listing.items, listing.root
     options = NormalizeOptions(
         max_side=stage.max_side,
         min_side=stage.min_side,
         max_pixels=stage.max_pixels,
         encoding=stage.encoding,
+        pixel_budget=stage.decode_pixel_budget,
     )
     # Decoding and resizing release the GIL in Pillow, so threads give real parallelism.
     workers = min(8, os.cpu_count() or 1)
@@ -196,11 +209,13 @@ async def _load_all(
     # normalised) to slots × max_bytes, however many items the branch has.
     slots = asyncio.Semaphore(stage.download_concurrency + workers)
     async with AsyncExitStack() as stack:
-        client: httpx.AsyncClient | None = None
+        client: ImageClient | None = None
         if any(item.url for item in items):
             client = await stack.enter_async_context(
                 make_client(
-                    timeout_s=stage.download_timeout_s, concurrency=stage.download_concurrency
+                    timeout_s=stage.download_timeout_s,
+                    concurrency=stage.download_concurrency,
+                    guard=guard,
                 )
             )
 
@@ -213,10 +228,10 @@ async def _load_all(
                                 _typographic, typo[index], canvas, options
                             )
                     if item.url is None:
-                        assert item.path is not None
+                        assert item.path is not None and root is not None
                         async with cpu:
                             return await asyncio.to_thread(
-                                _local, item.path, stage.max_bytes, options
+                                _local, item.path, root, stage.max_bytes, options
                             )
                     assert client is not None
                     async with net:
@@ -238,14 +253,14 @@ async def _load_all(
 
 
 def _local(
-    path: Path, max_bytes: int, options: NormalizeOptions
+    path: Path, root: LocalRoot, max_bytes: int, options: NormalizeOptions
 ) -> tuple[NormalizedImage, dict[str, Any]]:
-    return normalize_bytes(read_local(path, max_bytes), options), {}
+    return normalize_bytes(read_local(path, max_bytes, root=root), options), {}
 
 
 def _download_meta(url: str, fetched: Fetched) -> dict[str, Any]:
     meta: dict[str, Any] = {"content_type": fetched.content_type}
-    if fetched.final_url != url:
+    if fetched.final_url != safe_url(url):  # both without credentials
         meta["final_url"] = fetched.final_url
     if fetched.attempts > 1:
         meta["attempts"] = fetched.attempts
@@ -257,7 +272,7 @@ def _typographic(
 ) -> tuple[NormalizedImage, dict[str, Any]]:
     rendered = render(variant, canvas)
     # Rendered text is always lossless PNG, whatever `encoding` says for photos.
-    png = NormalizeOptions(options.max_side, options.min_side, options.max_pixels, "png")
+    png = dataclasses.replace(options, encoding="png")
     image = normalize_image(rendered.image, png)
     return image, {"font_size": rendered.font_size, "lines": list(rendered.lines)}
 

@@ -1,8 +1,11 @@
+import concurrent.futures
 import contextlib
 import hashlib
 import io
 import random
 import struct
+import threading
+import time
 import zlib
 from typing import Any
 
@@ -16,6 +19,9 @@ from vlpref.images.normalize import (
     ImageRejected,
     NormalizedImage,
     NormalizeOptions,
+    PixelBudget,
+    decode_budget,
+    decode_cost,
     normalize_bytes,
     normalize_image,
 )
@@ -333,3 +339,56 @@ def test_normalize_image_from_memory_is_png() -> None:
     out = normalize_image(noise((80, 80), "RGBA"))
     assert out.format == "png" and out.original["format"] is None
     assert normalize_image(noise((80, 80), "RGBA")).image_id == out.image_id
+
+
+# --------------------------------------------------------------------------- decode budget
+
+
+def test_decode_cost_counts_the_full_size_copies_a_mode_needs() -> None:
+    assert decode_cost((1000, 1000), "RGB") == 1_000_000
+    assert decode_cost((1000, 1000), "L") == decode_cost((1000, 1000), "P") == 1_250_000
+    assert decode_cost((1000, 1000), "RGBA") == decode_cost((1000, 1000), "CMYK") == 2_000_000
+    assert decode_cost((1000, 1000), "I;16") == 2_500_000
+    assert decode_cost((1000, 1000), "RGB", icc=True) == 2_000_000
+
+
+def test_the_budget_holds_back_what_does_not_fit_first_come_first_served() -> None:
+    budget = PixelBudget(100)
+    order: list[str] = []
+    first_in = threading.Event()
+    release_first = threading.Event()
+
+    def hold(name: str, pixels: int, wait_for: threading.Event | None = None) -> None:
+        with budget.hold(pixels):
+            order.append(name)
+            if wait_for is not None:
+                first_in.set()
+                wait_for.wait(5)
+
+    a = threading.Thread(target=hold, args=("a", 60, release_first))
+    a.start()
+    assert first_in.wait(5)
+    b = threading.Thread(target=hold, args=("big", 500))  # over the capacity: waits for empty
+    b.start()
+    time.sleep(0.05)
+    c = threading.Thread(target=hold, args=("c", 10))  # would fit, but arrived after "big"
+    c.start()
+    time.sleep(0.05)
+    assert order == ["a"] and budget.used == 60
+    release_first.set()
+    for thread in (a, b, c):
+        thread.join(5)
+    assert order == ["a", "big", "c"]
+    assert budget.used == 0 and budget.peak == 100
+
+
+def test_normalising_threads_share_the_process_budget() -> None:
+    capacity = 250_000  # a capacity no other test uses: its own budget
+    data = [encode(noise((300, 300), seed=i), "PNG") for i in range(8)]  # 90,000 pixels each
+    options = NormalizeOptions(pixel_budget=capacity)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda d: normalize_bytes(d, options), data))
+    assert len({r.image_id for r in results}) == 8
+    budget = decode_budget(capacity)
+    assert 90_000 <= budget.peak <= capacity and budget.used == 0
+    assert decode_budget(capacity) is budget  # one per capacity, shared

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tasks.images import check_overrides, choose_source, collect_images
+from tests.images.safety import forbid_non_loopback
 from vlpref.config import FolderSource, ImagesStage, ManifestSource, TypographicSource
 from vlpref.errors import ConfigError
 from vlpref.records import IMAGES
@@ -115,6 +116,10 @@ def test_folder_source_accounts_for_every_file(tmp_path: Path) -> None:
     assert (out.n_in, out.n_out, out.n_failed) == (7, 2, 5)
     assert [json.loads(r["source_meta"])["path"] for r in rows] == ["a.jpg", "b.png"]
     assert [r["format"] for r in rows] == ["jpeg", "png"]
+    branch = f"{CYBER.class1}/{CYBER.class2}/{CYBER.class3}"
+    assert all(f.item_id.startswith(branch + "/") for f in out.failures)  # relative to the root
+    assert json.loads(rows[0]["source_meta"])["folder"] == branch
+    assert not any(str(tmp_path) in r["source_meta"] for r in rows)
     kinds = {Path(f.item_id).name: f.kind for f in out.failures}
     assert kinds == {
         "copy-of-a.jpg": "duplicate",
@@ -183,6 +188,9 @@ def test_an_override_that_matches_nothing_is_a_config_error() -> None:
 # --------------------------------------------------------------------------- manifest + URLs
 
 
+REQUESTS: list[str] = []  # the paths the loopback web server was asked for
+
+
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """Static files over HTTP on loopback: (base url, the folder it serves)."""
@@ -192,6 +200,10 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
+        def send_head(self) -> Any:
+            REQUESTS.append(self.path)
+            return super().send_head()
+
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(folder)))
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -199,6 +211,11 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     yield f"http://{host!s}:{port}", folder
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    forbid_non_loopback(monkeypatch)
 
 
 @pytest.fixture(autouse=True)
@@ -229,7 +246,9 @@ def test_manifest_dedupes_across_local_files_and_urls(
     ]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stage = ImagesStage(source=ManifestSource(kind="manifest", path="manifest.jsonl"))
+    # The server is on loopback: allowed explicitly (refused by default, see below).
+    source = ManifestSource(kind="manifest", path="manifest.jsonl", allow_private=True)
+    stage = ImagesStage(source=source)
     out = collect_images(CYBER, stage, base_dir=tmp_path)
     kept = check_output(out, CYBER)
     assert (out.n_in, out.n_out, out.n_failed) == (5, 2, 3)
@@ -239,15 +258,71 @@ def test_manifest_dedupes_across_local_files_and_urls(
     assert url_meta["url"] == f"{url}/own.jpg" and url_meta["content_type"] == "image/jpeg"
     assert url_meta["original"]["sha256"] and url_meta["row"] == "line 3"
     failures = {f.item_id: f for f in out.failures}
-    assert failures[f"{manifest}:line 2"].kind == "duplicate"
-    assert f"{manifest}:line 1" in failures[f"{manifest}:line 2"].reason
-    assert failures[f"{manifest}:line 4"].kind == "http"
-    assert failures[f"{manifest}:line 6"].kind == "manifest_row"
+    assert failures["manifest.jsonl:line 2"].kind == "duplicate"
+    assert "manifest.jsonl:line 1" in failures["manifest.jsonl:line 2"].reason
+    assert failures["manifest.jsonl:line 4"].kind == "http"
+    assert failures["manifest.jsonl:line 6"].kind == "manifest_row"
+    assert manifest.name == "manifest.jsonl"
 
     # The malware branch sees only its own row, and the same image under its own labels.
     malware = collect_images(MALWARE, stage, base_dir=tmp_path)
     assert (malware.n_in, malware.n_out, malware.extra["skipped_rows"]) == (1, 1, 5)
     assert malware.rows.column("image_id")[0] == out.rows.column("image_id")[1]
+
+
+def test_url_rows_to_internal_addresses_are_refused_by_default(
+    tmp_path: Path, web: tuple[str, Path]
+) -> None:
+    url, served = web
+    (served / "internal.jpg").write_bytes(photo(10))
+    host, port = url.removeprefix("http://").split(":")
+    mine = labels(CYBER)
+    rows = [
+        {"url": f"{url}/internal.jpg", **mine},
+        {"url": f"http://localhost:{port}/internal.jpg", **mine},
+        {"url": "http://169.254.169.254/latest/meta-data/iam/", **mine},
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = len(REQUESTS)
+    stage = ImagesStage(source=ManifestSource(kind="manifest", path="m.jsonl"))
+    out = collect_images(CYBER, stage, base_dir=tmp_path)
+    assert (out.n_in, out.n_out, out.n_failed) == (3, 0, 3)
+    assert [f.kind for f in out.failures] == ["refused_host"] * 3
+    assert "link-local" in out.failures[2].reason
+    assert REQUESTS[before:] == []  # nothing was asked of the server
+    # Allowed by address (127.0.0.1) and by name (localhost, whatever it resolves to).
+    allowed = ManifestSource(kind="manifest", path="m.jsonl", allow_hosts=(host, "localhost"))
+    out = collect_images(CYBER, ImagesStage(source=allowed), base_dir=tmp_path)
+    assert out.n_out == 1 and out.extra["duplicates"] == 1  # localhost: the same image
+    assert [f.kind for f in out.failures] == ["duplicate", "refused_host"]
+
+
+def test_published_urls_and_paths_carry_no_credentials(
+    tmp_path: Path, web: tuple[str, Path]
+) -> None:
+    url, served = web
+    (served / "cred.jpg").write_bytes(photo(11))
+    secret_base = url.replace("http://", "http://user:hunter2@")
+    mine = labels(CYBER)
+    rows = [
+        {"url": f"{secret_base}/cred.jpg?token=tok123&X-Amz-Signature=sig123&w=1", **mine},
+        {"url": f"{secret_base}/gone.jpg?api_key=key123", **mine},
+        {"url": "ftp://user:hunter2@example.test/x.jpg?sig=sig123", **mine},
+        {"path": "local.jpg", "url": f"{secret_base}/cred.jpg?token=tok123", **mine},
+    ]
+    (tmp_path / "local.jpg").write_bytes(photo(12))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = ManifestSource(kind="manifest", path="m.jsonl", allow_private=True)
+    out = collect_images(CYBER, ImagesStage(source=source), base_dir=tmp_path)
+    kept = check_output(out, CYBER)
+    assert (out.n_in, out.n_out, out.n_failed) == (4, 2, 2)
+    assert json.loads(kept[0]["source_meta"])["url"] == f"{url}/cred.jpg?w=1"
+    assert json.loads(kept[1]["source_meta"])["url"] == f"{url}/cred.jpg"
+    published = [r["source_meta"] for r in kept] + [f"{f.item_id} {f.reason}" for f in out.failures]
+    for text in published:
+        for secret in ("hunter2", "tok123", "sig123", "key123", str(tmp_path)):
+            assert secret not in text, (secret, text)
+    assert [f.kind for f in out.failures] == ["manifest_row", "http"]
 
 
 def test_parquet_manifest_end_to_end(tmp_path: Path) -> None:

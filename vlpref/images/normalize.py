@@ -8,12 +8,25 @@ images, JPEG quality 95 for lossy inputs). `image_id` is the sha256 of the re-en
 
 Every refusal is an `ImageRejected` (a `DataError`) with a short `kind` and a readable reason; no
 other exception escapes `normalize_bytes`, whatever the bytes.
+
+Memory: the header is read first (size and mode, no pixel decoded); then the image waits for its
+share of the process's decode budget (`PixelBudget`, `pixel_budget` pixels shared by every thread
+and branch), holds it while it is decoded, converted, bounded and encoded, and gives it back. An
+image counts `width x height x` a factor for its mode (`decode_cost`): an RGB image is held as
+4 bytes a pixel and converted in place, an image with alpha or a palette needs about three such
+copies to be flattened. One image over the whole budget waits until no other is decoding, then
+decodes alone. So a 7,999 x 7,999 PNG of 62 KB (~256 MB decoded) costs its 256 MB once, not
+once per worker thread.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +40,7 @@ from PIL import (
     UnidentifiedImageError,
 )
 
+from vlpref import heap
 from vlpref.errors import DataError
 
 __all__ = [
@@ -36,6 +50,9 @@ __all__ = [
     "ImageRejected",
     "NormalizeOptions",
     "NormalizedImage",
+    "PixelBudget",
+    "decode_budget",
+    "decode_cost",
     "image_scores",
     "normalize_bytes",
     "normalize_image",
@@ -52,6 +69,10 @@ _LOSSY_FORMATS = frozenset({"JPEG", "MPO", "WEBP"})
 JPEG_QUALITY = 95
 _WHITE = (255, 255, 255)
 _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+# Modes flattened on white (alpha, or a palette that may hold transparency).
+_FLATTENED = frozenset({"P", "PA", "LA", "La", "RGBa", "RGBA"})
+_FLATTEN_STRIP = 1 << 20  # pixels a strip when flattening (16 MB of RGBA)
+_TRIM_AFTER = 8_000_000  # budget (RGB pixels, 32 MB) from which a decode gives memory back
 # Scores are measured on a thumbnail: cheap, and stable across input sizes.
 _SCORE_SIDE = 256
 
@@ -74,6 +95,7 @@ class NormalizeOptions:
     min_side: int = 32
     max_pixels: int = 64_000_000
     encoding: Encoding = "auto"
+    pixel_budget: int = 64_000_000  # pixels decoding at once in this process (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -107,8 +129,34 @@ def normalize_bytes(data: bytes, options: NormalizeOptions | None = None) -> Nor
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
+    with _rejecting():
+        size, mode, icc = _probe(data, options, original)
+    lossy = original["format"] in _LOSSY_FORMATS
+    cost = decode_cost(size, mode, icc=icc)
+    # The decoded pixels live until the output is encoded: the budget is held that long.
+    with decode_budget(options.pixel_budget).hold(cost):
+        result = _decode_and_finish(data, options, original, lossy=lossy)
+        if cost >= _TRIM_AFTER:
+            # Its copies are freed now; without a trim glibc keeps them in the arena of the
+            # thread that decoded, and the next large image, decoded by another thread, adds
+            # its own (measured: 4 threads one after another, +395 MB instead of +280).
+            heap.trim()
+    return result
+
+
+def _decode_and_finish(
+    data: bytes, options: NormalizeOptions, original: dict[str, Any], *, lossy: bool
+) -> NormalizedImage:
+    with _rejecting():
+        image = _load(data, original)
+    return _finish(image, options, original, lossy=lossy)
+
+
+@contextmanager
+def _rejecting() -> Iterator[None]:
+    """Whatever Pillow raises on hostile bytes becomes an `ImageRejected`."""
     try:
-        image = _decode(data, options, original)
+        yield
     except ImageRejected:
         raise
     except Image.DecompressionBombError as exc:
@@ -121,8 +169,6 @@ def normalize_bytes(data: bytes, options: NormalizeOptions | None = None) -> Nor
     except Exception as exc:  # Pillow raises many types on hostile input; all mean "corrupt".
         kind = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise ImageRejected(kind, _describe(exc)) from None
-    lossy = original["format"] in _LOSSY_FORMATS
-    return _finish(image, options, original, lossy=lossy)
 
 
 def normalize_image(
@@ -172,24 +218,112 @@ def image_scores(image: Image.Image) -> dict[str, float]:
     }
 
 
+# --------------------------------------------------------------------------- decode budget
+
+# Full-size copies, in units of 4 bytes a pixel (RGB as Pillow stores it), that converting an
+# image of this mode to RGB holds at its peak (Pillow keeps 1, L and P in 1 byte a pixel, I;16 in
+# 2, every other mode in 4). RGB: the decoded image is the output. 1, L, P: the source and the
+# RGB output. Alpha: the source and the output (flattened strip by strip). 16-bit: the source,
+# its 32-bit form and the scaled one. CMYK, YCbCr, LAB, I, F: the source and the conversion.
+# An embedded ICC profile adds the converted copy.
+_COPIES = {"RGB": 1.0, "RGBX": 1.0, "1": 1.25, "L": 1.25, "P": 1.25}
+_OTHER_COPIES = 2.0
+_SIXTEEN_BIT_COPIES = 2.5
+
+
+def decode_cost(size: tuple[int, int], mode: str, *, icc: bool = False) -> int:
+    """What decoding an image of this size and mode takes from the budget, in RGB pixels."""
+    pixels = size[0] * size[1]
+    if mode in _COPIES:
+        factor = _COPIES[mode]
+    elif mode.startswith("I;16"):
+        factor = _SIXTEEN_BIT_COPIES
+    else:
+        factor = _OTHER_COPIES
+    return int(pixels * (factor + (1.0 if icc else 0.0)))
+
+
+class PixelBudget:
+    """Pixels being decoded at once, shared by threads; first come, first served.
+
+    `hold(n)` waits until `n` more pixels fit (`n` over the capacity waits for an empty budget
+    and then takes all of it), and gives them back on exit. Waiters are served in arrival order,
+    so a large image is not starved by a stream of small ones.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("a pixel budget needs a positive capacity")
+        self.capacity = capacity
+        self.used = 0
+        self.peak = 0  # the most ever held at once (for tests and measurements)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        amount = max(1, min(pixels, self.capacity))
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                self._cond.wait_for(
+                    lambda: self._queue[0] is ticket and self.used + amount <= self.capacity
+                )
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+            self.used += amount
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= amount
+                self._cond.notify_all()
+
+
+_BUDGETS: dict[int, PixelBudget] = {}
+_BUDGETS_LOCK = threading.Lock()
+
+
+def decode_budget(capacity: int) -> PixelBudget:
+    """The process's budget of this capacity: every branch and thread with it shares one."""
+    with _BUDGETS_LOCK:
+        budget = _BUDGETS.get(capacity)
+        if budget is None:
+            budget = _BUDGETS[capacity] = PixelBudget(capacity)
+        return budget
+
+
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode(data: bytes, options: NormalizeOptions, original: dict[str, Any]) -> Image.Image:
-    # First pass: the header only (size check before any pixel is decoded), then verify().
+def _probe(
+    data: bytes, options: NormalizeOptions, original: dict[str, Any]
+) -> tuple[tuple[int, int], str, bool]:
+    """The header only (size check before any pixel is decoded), then verify().
+
+    Returns the size, the mode and whether an ICC profile is embedded."""
     with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as probe:
         original["format"] = probe.format
         original["width"], original["height"] = probe.size
         original["mode"] = probe.mode
         _check_pixels(probe.size, options)
+        icc = bool(probe.info.get("icc_profile"))
         probe.verify()
-    # verify() leaves the image unusable; decode again for real. load() raises on truncation.
-    with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
-        frames = getattr(image, "n_frames", 1)
-        if frames > 1:
-            original["frames"] = frames  # the first frame is kept
-        image.load()
-        return _to_rgb(image, original)
+        return probe.size, probe.mode, icc
+
+
+def _load(data: bytes, original: dict[str, Any]) -> Image.Image:
+    # verify() left the probe unusable; decode again for real. load() raises on truncation.
+    # Not closed here: an RGB image is returned as it is (no copy), and closing would free it.
+    image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        original["frames"] = frames  # the first frame is kept
+    image.load()
+    return _to_rgb(image, original)
 
 
 def _check_pixels(size: tuple[int, int], options: NormalizeOptions) -> None:
@@ -207,19 +341,17 @@ def _to_rgb(image: Image.Image, original: dict[str, Any]) -> Image.Image:
     """EXIF orientation, then 8-bit sRGB RGB with alpha flattened on white."""
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-        out = ImageOps.exif_transpose(image)
+        # Only an image that needs turning is copied (a full-size copy is what memory is short of).
+        out = image if orientation == 1 else ImageOps.exif_transpose(image)
     except Exception as exc:  # a broken EXIF block should not cost an otherwise good image
         original["exif"] = f"ignored: {_describe(exc)}"
-        orientation, out = 1, image.copy()
+        orientation, out = 1, image
     if orientation != 1:
         original["exif_orientation"] = orientation
     icc = image.info.get("icc_profile")
     out = _eight_bit(out)
-    if out.mode in ("P", "PA", "LA", "La", "RGBa"):
-        out = out.convert("RGBA")
-    if out.mode == "RGBA":
-        background = Image.new("RGBA", out.size, (*_WHITE, 255))
-        out = Image.alpha_composite(background, out).convert("RGB")
+    if out.mode in _FLATTENED:
+        out = _flatten(out)
     if icc and out.mode in ("RGB", "CMYK", "L"):
         out, original["icc"] = _to_srgb(out, icc)
     if out.mode == "LAB":  # Pillow's plain convert would copy the channels, not convert colour
@@ -233,6 +365,21 @@ def _to_rgb(image: Image.Image, original: dict[str, Any]) -> Image.Image:
         except ValueError:
             raise ImageRejected("unsupported", f"cannot convert mode {out.mode} to RGB") from None
     out.info = {}  # nothing of the source's metadata may reach the encoder
+    return out
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """As RGBA composited on white, then RGB; strip by strip, so that only the source and the
+    output are held at full size (the result is the same, pixel for pixel: each step is)."""
+    out = Image.new("RGB", image.size, _WHITE)
+    step = max(1, _FLATTEN_STRIP // max(1, image.width))
+    for top in range(0, image.height, step):
+        box = (0, top, image.width, min(image.height, top + step))
+        strip = image.crop(box)  # keeps the palette and the transparency
+        if strip.mode != "RGBA":
+            strip = strip.convert("RGBA")
+        background = Image.new("RGBA", strip.size, (*_WHITE, 255))
+        out.paste(Image.alpha_composite(background, strip).convert("RGB"), box[:2])
     return out
 
 
