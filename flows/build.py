@@ -68,7 +68,8 @@ def images_key(config: RunConfig, leaf: Subcategory) -> str:
     stage = config.stages.images
     choice = choose_source(leaf, stage)
     source = choice.source
-    settings = stage.model_dump(mode="json", exclude={"source", "overrides"})
+    # decode_pixel_budget bounds memory, not what is decoded: it never changes the images.
+    settings = stage.model_dump(mode="json", exclude={"source", "overrides", "decode_pixel_budget"})
     path = getattr(source, "path", None)
     local = _file_fingerprint(_base_dir(config) / path) if path else []
     return stage_key(

@@ -12,24 +12,31 @@ from typing import Any
 
 import pytest
 
-from tests.test_config import GOOD
+from tests.test_config import GOOD, GOOD_ENV, write_good
 
 VLPREF = [sys.executable, "-m", "vlpref.cli"]
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*VLPREF, *args], capture_output=True, text=True, timeout=60)
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*VLPREF, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **GOOD_ENV, **(env or {})},
+    )
 
 
 def test_check_accepts_a_good_config(tmp_path: Path) -> None:
-    (tmp_path / "run.yaml").write_text(GOOD)
-    proc = run("check", str(tmp_path / "run.yaml"))
+    proc = run("check", str(write_good(tmp_path)))
     assert proc.returncode == 0, proc.stderr
-    assert "2 response model(s)" in proc.stderr
+    assert "2 response model(s) (3 samples per question)" in proc.stderr
+    assert "branch(es)" in proc.stderr
+    assert not (tmp_path / "work").exists()  # checked, not created
 
 
 def test_check_reports_a_bad_config_with_exit_code_2(tmp_path: Path) -> None:
-    (tmp_path / "run.yaml").write_text(GOOD.replace("concurrency: 8", "concurrency: -1"))
+    write_good(tmp_path, GOOD.replace("concurrency: 8", "concurrency: -1"))
     proc = run("check", str(tmp_path / "run.yaml"))
     assert proc.returncode == 2
     assert "endpoints.sim.concurrency: line 8:" in proc.stderr

@@ -57,7 +57,7 @@ name: outside
 taxonomy: {taxonomy}
 endpoints:
   sim: {{kind: openai, base_url: "http://127.0.0.1:9/v1"}}
-models: [{{name: m, endpoint: sim, model: sim-refuser}}]
+models: [{{name: m, endpoint: sim, model: sim-refuser, sampling: {{n: 2}}}}]
 generator: {{name: gen, endpoint: sim, model: sim-judge}}
 judges: [{{name: judge, endpoint: sim, model: sim-judge}}]
 """

@@ -138,7 +138,9 @@ def test_the_alias_bomb_fails_fast_in_little_memory(tmp_path: Path) -> None:
     seen = json.loads(probe.stdout)
     assert "alias bomb" in seen["error"]
     assert seen["seconds"] < 2, seen
-    assert seen["rss_after_mb"] < 200, seen  # the interpreter and vlpref's imports included
+    # What loading it cost: the imports before it (300 MB and more with Prefect loaded) are not
+    # the bomb's, and vary with what vlpref imports.
+    assert seen["rss_after_mb"] - seen["rss_before_mb"] < 50, seen
     assert seen["rss_after_mb"] - seen["rss_before_mb"] < 20, seen
 
 

@@ -94,9 +94,13 @@ def run(
     cfg = load_config(config)  # fail on a bad config before Prefect starts
     if retry_failed is not None:
         check_policy(retry_failed)
-    # Also before Prefect starts (an error line, no traceback), and before anything is paid for.
-    # The flow then skips what was just checked; `kind: vllm` without vLLM is refused either way.
-    preflight_check(cfg, network=preflight and cfg.preflight, warn=_warning)
+    # Also before Prefect starts (an error line, no traceback), and before anything is paid for:
+    # what `vlpref check` checks (taxonomy, templates, samples, folders, LATEST, key variables),
+    # then the network checks unless told not to. The flow then skips what was just checked;
+    # `kind: vllm` without vLLM is refused either way.
+    preflight_check(
+        cfg, network=preflight and cfg.preflight, warn=_warning, local=True, only=only or None
+    )
     selected = only or (list(cfg.only) or None)
     leaves = load_taxonomy(cfg.taxonomy).select(selected)
     started = time.perf_counter()
@@ -347,22 +351,36 @@ def check(
             help="also check API keys, endpoints and model ids (GET /models; no chat request)",
         ),
     ] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="taxonomy path prefix `run --only` would build (repeatable)"),
+    ] = None,
 ) -> None:
-    """Validate a run config (and its taxonomy) without running anything."""
+    """Check what `vlpref run` will need, without running or sending anything: the config, its
+    taxonomy (and the --only selection), every prompt template, at least two response samples
+    per question, the API key variables, the workspace and store folders (and the store's
+    LATEST version), and vLLM where `kind: vllm` is configured. Every problem is reported."""
     from vlpref.config import load_config
     from vlpref.preflight import check as preflight_check
+    from vlpref.taxonomy import load_taxonomy
 
     cfg = load_config(config)
-    preflight_check(cfg, network=preflight, warn=_warning)  # without --preflight: vLLM only
+    # Without --preflight: everything but the network.
+    preflight_check(cfg, network=preflight, warn=_warning, local=True, only=only or None)
+    leaves = load_taxonomy(cfg.taxonomy).select(only or (list(cfg.only) or None))
     console.print(
-        f"[green]ok[/green] {config}: {len(cfg.models)} response model(s), "
+        f"[green]ok[/green] {config}: {len(cfg.models)} response model(s) "
+        f"({cfg.samples_per_question} samples per question), "
         f"{len(cfg.judges)} judge(s), {len(cfg.endpoints)} endpoint(s), "
-        f"config {cfg.content_hash()[:12]}" + ("; preflight passed" if preflight else "")
+        f"{len(leaves)} branch(es), config {cfg.content_hash()[:12]}"
+        + ("; preflight passed" if preflight else "")
     )
 
 
 def _warning(message: str) -> None:
-    console.print(f"warning: {message}", highlight=False, markup=False)
+    from vlpref.redact import redact
+
+    console.print(f"warning: {redact(message)}", highlight=False, markup=False)
 
 
 @app.command("vllm-serve")
@@ -455,9 +473,11 @@ def _fail(message: str, code: int) -> NoReturn:
     """The one `error:` line an expected failure ends with. A temporary Prefect server is stopped
     first, so that its goodbye does not come after the line, and none is left behind."""
     from vlpref.prefect_server import stop_temporary_server
+    from vlpref.redact import redact
 
     stop_temporary_server()
-    console.print(f"error: {message}", highlight=False, markup=False)
+    # Redacted (README "Security"): a message may quote an endpoint that echoed the key.
+    console.print(f"error: {redact(message)}", highlight=False, markup=False)
     raise SystemExit(code)
 
 
@@ -483,8 +503,10 @@ def main() -> None:
     a VlprefError (a bad config, a branch that failed, a damaged store, a held lock) or an OSError
     (a full disk, no permission, a missing file) exits with code 2; Ctrl-C or SIGTERM with
     `error: interrupted ...` and code 130. Anything else is a bug and keeps its traceback."""
+    from vlpref.redact import install_log_redaction
     from vlpref.vllm_serve import terminate_as_interrupt
 
+    install_log_redaction()  # every log record of the process, Prefect's included (redact.py)
     for name in ("prefect.task_runs", "prefect.flow_runs"):  # before Prefect configures them
         logging.getLogger(name).addFilter(_NoTracebackWhenExpected())
     try:

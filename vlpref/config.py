@@ -21,8 +21,13 @@
     judges: [{name: judge, endpoint: openai, model: gpt-4o, sampling: {temperature: 0}}]
     stages: {...}                         # see StagesConfig
 
-Errors name the file, the field and its line, and say what was expected. Secrets are refused:
-an API key written into the file is an error that says to use `api_key_env` instead.
+Errors name the file, the field and its line, and say what was expected. Secrets are refused,
+and no error repeats them (README "Security"): a field named like a credential
+(`vlpref.redact.is_credential_name`: `api_key`, `Authorization`, `X-Auth-Token`, `access_token`,
+...), a value shaped like a key (`sk-...`, `hf_...`, a JWT, ...) wherever it is written, and an
+`api_key_env` / `api_key_secret` that is not the *name* of a variable / block are errors that say
+to use `api_key_env` instead. Error messages never quote what was written in such a field, and
+redact key shapes in whatever else they quote.
 """
 
 from __future__ import annotations
@@ -37,13 +42,38 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vlpref.chat import SamplingParams
 from vlpref.errors import ConfigError, ProviderError
 from vlpref.providers.registry import provider_class
+from vlpref.redact import (
+    NAME_OF_SECRET_FIELDS,
+    contains_secret,
+    is_block_name,
+    is_credential_name,
+    is_env_var_name,
+    redact,
+)
 from vlpref.resources import builtin_taxonomy, is_builtin
 from vlpref.retry import RetryPolicy
 from vlpref.yamlfile import Lines, format_loc, load_yaml
 
-# Field names that would hold a secret. Refused anywhere in a config, whatever their value.
+# Examples of field names that would hold a secret; the rule that refuses them (and any other
+# credential name) anywhere in a config, whatever their value, is `is_credential_name`.
 SECRET_FIELDS = frozenset(
     {"api_key", "apikey", "api-key", "token", "password", "secret", "access_key"}
+)
+# Mappings whose keys are names the user chooses (endpoints, taxonomy paths, splits, weights),
+# not field names: a branch called "Privacy/Password theft" is no credential.
+_USER_NAMED: frozenset[tuple[int | str, ...]] = frozenset(
+    {
+        ("endpoints",),
+        ("stages", "images", "overrides"),
+        ("stages", "publish", "splits"),
+        ("stages", "pairs", "weights"),
+    }
+)
+# Fields whose input an error never quotes: the names of secrets, and what is sent with requests.
+_UNQUOTED = NAME_OF_SECRET_FIELDS | {"headers", "extra_body", "env", "extra_args"}
+_USE_ENV = (
+    "put the key in an environment variable and give its name as api_key_env (or a Prefect "
+    "Secret block name as api_key_secret)"
 )
 
 Name = Annotated[
@@ -51,19 +81,33 @@ Name = Annotated[
 ]
 
 
+# Upper bounds of the counts (README, "The run config": bounds). Generous for any real run, they
+# keep a typo (`per_branch: 1000000000`) from exhausting the machine before anything is sent.
+MAX_MODELS = 64
+# all-pairs judges and ranks k*(k-1)/2 pairs of a question's k samples: 32,640 at 256.
+MAX_SAMPLES_PER_QUESTION = 256
+
+
+def _distinct(value: tuple[str, ...]) -> tuple[str, ...]:
+    repeated = sorted({v for v in value if value.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{repeated[0]!r} is listed twice")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SamplingConfig(_Strict):
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=128)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = Field(default=(), max_length=16)
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(**self.model_dump())
@@ -108,7 +152,9 @@ class JudgeEntry(ModelEntry):
 
 class TypographicSource(_Strict):
     kind: Literal["typographic"] = "typographic"
-    per_branch: int = Field(default=4, ge=1)
+    # 10,000: past 108 x (key phrase + keywords) variants they repeat (counted as duplicates),
+    # and the stage holds a branch's images in memory.
+    per_branch: int = Field(default=4, ge=1, le=10_000)
     size: int = Field(default=512, ge=64, le=4096)
 
 
@@ -119,6 +165,10 @@ class FolderSource(_Strict):
     path: str
     # auto: flat when an override names exactly this branch, the class tree otherwise.
     layout: Literal["auto", "tree", "flat"] = "auto"
+    root: str | None = Field(
+        default=None,
+        description="files (symlinks resolved) must lie under this folder; default: `path`",
+    )
 
 
 class ManifestSource(_Strict):
@@ -126,6 +176,42 @@ class ManifestSource(_Strict):
 
     kind: Literal["manifest"]
     path: str
+    root: str | None = Field(
+        default=None,
+        description="a row's `path` (symlinks resolved) must lie under this folder; "
+        "default: the manifest's folder",
+    )
+    # Outbound requests (README, "Security"): by default a `url` row may not reach a loopback,
+    # private, link-local, multicast or reserved address, checked at every redirect hop.
+    allow_private: bool = Field(
+        default=False, description="let URLs reach loopback, private and shared addresses"
+    )
+    allow_hosts: tuple[str, ...] = Field(
+        default=(),
+        max_length=1000,
+        description="hostnames (`images.internal`, `*.internal`) and addresses or networks "
+        "(`10.0.0.0/8`) that URLs may reach whatever they resolve to",
+    )
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+        import re
+
+        name = re.compile(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_-]+)*\.?")
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip().strip("[]"), strict=False)
+                continue
+            except ValueError:
+                pass
+            if not name.fullmatch(entry.strip()):
+                raise ValueError(
+                    f"allow_hosts entry {entry!r} is neither a hostname (`images.internal`, "
+                    "`*.internal`) nor an address or network (`10.0.0.0/8`)"
+                )
+        return value
 
 
 ImageSource = Annotated[
@@ -136,42 +222,70 @@ ImageSource = Annotated[
 class ImagesStage(_Strict):
     source: ImageSource = TypographicSource()
     overrides: dict[str, ImageSource] = Field(
-        default_factory=dict, description="taxonomy path prefix -> source for that branch"
+        default_factory=dict,
+        max_length=10_000,
+        description="taxonomy path prefix -> source for that branch",
     )
-    max_side: int = Field(default=1024, ge=64)
-    max_bytes: int = Field(default=20_000_000, ge=1024)
-    download_timeout_s: float = Field(default=30.0, gt=0)
+    max_side: int = Field(default=1024, ge=64, le=8192)
+    # Raw bytes in flight are bounded by (download_concurrency + CPU workers) x max_bytes.
+    max_bytes: int = Field(default=20_000_000, ge=1024, le=50_000_000)
+    download_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     # Read by the images stage (tasks/images.py, vlpref/images/).
-    min_side: int = Field(default=32, ge=1, description="smallest side kept, after bounding")
+    min_side: int = Field(
+        default=32, ge=1, le=8192, description="smallest side kept, after bounding"
+    )
     max_pixels: int = Field(
-        default=64_000_000, ge=1, description="larger images are refused unread (bomb guard)"
+        default=64_000_000,
+        ge=1,
+        le=100_000_000,
+        description="larger images are refused unread (bomb guard)",
     )
     encoding: Literal["auto", "png", "jpeg"] = "auto"  # auto: JPEG for lossy inputs, else PNG
-    download_attempts: int = Field(default=3, ge=1)
-    download_concurrency: int = Field(default=16, ge=1)
+    download_attempts: int = Field(default=3, ge=1, le=20)
+    download_concurrency: int = Field(default=16, ge=1, le=64)
+    # Memory, not speed: a 7,999 x 7,999 PNG of 62 KB decodes to ~256 MB of RGB. The process's
+    # decodes share this many pixels; an image over it decodes alone (vlpref/images/normalize.py).
+    decode_pixel_budget: int = Field(
+        default=64_000_000,
+        ge=1_000_000,
+        le=1_000_000_000,
+        description="pixels being decoded at once, all branches together (bounds memory)",
+    )
 
 
 class QuestionsStage(_Strict):
-    types: tuple[Literal["easy", "hardq", "hards"], ...] = ("easy", "hardq", "hards")
-    max_attempts: int = Field(default=3, ge=1)
+    types: tuple[Literal["easy", "hardq", "hards"], ...] = Field(
+        default=("easy", "hardq", "hards"), max_length=3
+    )
+    max_attempts: int = Field(default=3, ge=1, le=20)
+
+    @field_validator("types")
+    @classmethod
+    def _distinct_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _distinct(value)
 
 
 class JudgeStage(_Strict):
     safety: bool = True
-    aspects: tuple[Literal["harmlessness", "helpfulness", "faithfulness"], ...] = (
-        "harmlessness",
-        "helpfulness",
-        "faithfulness",
+    aspects: tuple[Literal["harmlessness", "helpfulness", "faithfulness"], ...] = Field(
+        default=("harmlessness", "helpfulness", "faithfulness"), max_length=3
     )
     pairwise: bool = True
-    max_pairs_per_question: int = Field(default=6, ge=0)
-    max_attempts: int = Field(default=3, ge=1, description="asks per judgment when unparseable")
+    max_pairs_per_question: int = Field(default=6, ge=0, le=1000)
+    max_attempts: int = Field(
+        default=3, ge=1, le=20, description="asks per judgment when unparseable"
+    )
+
+    @field_validator("aspects")
+    @classmethod
+    def _distinct_aspects(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _distinct(value)
 
 
 class PairsStage(_Strict):
     policy: Literal["spa-vl", "max-margin", "all-pairs"] = "spa-vl"
     min_margin: float = Field(default=0.5, ge=0)
-    safety_groups: int = Field(default=5, ge=2)
+    safety_groups: int = Field(default=5, ge=2, le=MAX_MODELS)
     # overall = sum of weight * score over harmlessness, helpfulness, faithfulness (ratings 1-5)
     # and safety (1 - P(unsafe)); harmlessness-dominant, as SPA-VL ranks harmlessness first.
     # See vlpref/selection.py.
@@ -184,7 +298,9 @@ class PairsStage(_Strict):
         }
     )
     same_model_pairs: bool = True  # two samples of one model may form a pair (RLAIF-V)
-    never_chosen: tuple[str, ...] = ("length", "content_filter")  # finish reasons never chosen
+    never_chosen: tuple[str, ...] = Field(  # finish reasons never chosen
+        default=("length", "content_filter"), max_length=16
+    )
     drop_contradicted: bool = True  # drop a rating pair the both-orders verdict reverses
     seed: int = 0  # seeds spa-vl's choice of cross-group pairs
 
@@ -204,7 +320,7 @@ class PairsStage(_Strict):
 
 class PublishStage(_Strict):
     splits: dict[str, float] = Field(
-        default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1}
+        default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1}, max_length=16
     )
     seed: int = 0
 
@@ -229,19 +345,19 @@ class RunConfig(_Strict):
     taxonomy: str
     workspace: str = ".vlpref/workspace"
     store: str = ".vlpref/store"
-    endpoints: dict[Name, dict[str, Any]]
-    models: tuple[ModelEntry, ...] = Field(min_length=1)
+    endpoints: dict[Name, dict[str, Any]] = Field(max_length=64)
+    models: tuple[ModelEntry, ...] = Field(min_length=1, max_length=MAX_MODELS)
     generator: GeneratorEntry
-    judges: tuple[JudgeEntry, ...] = Field(min_length=1)
+    judges: tuple[JudgeEntry, ...] = Field(min_length=1, max_length=16)
     stages: StagesConfig = StagesConfig()
     prompts_dir: str | None = Field(
         default=None, description="folder of prompt templates; the shipped prompts/ by default"
     )
-    only: tuple[str, ...] = ()
+    only: tuple[str, ...] = Field(default=(), max_length=10_000)
     # 4, not 8: in the 3,000-question scale run both gave 1,175 req/s, and 4 peaked at 575 MB
     # against 822 (bench/scale_run.py). One branch's judge stage alone keeps 256 requests busy.
     parallel_branches: int = Field(
-        default=4, ge=1, description="branches in flight at once (bounds memory, not speed)"
+        default=4, ge=1, le=64, description="branches in flight at once (bounds memory, not speed)"
     )
     # 8,000: at 30,000 questions x 12 models (7,400 samples per branch) one branch answering at a
     # time ran at 1,682 req/s with a 517 MB peak, two at 1,556 req/s and 600 MB (six branches,
@@ -249,6 +365,7 @@ class RunConfig(_Strict):
     responses_in_flight: int = Field(
         default=8000,
         ge=1,
+        le=100_000,
         description="response samples (questions x samples per question) that the branches "
         "answering at once may hold; a larger branch answers alone",
     )
@@ -273,6 +390,7 @@ class RunConfig(_Strict):
     early_stop_after: int = Field(
         default=8,
         ge=0,
+        le=10_000,
         description="a batch (one stage's requests for one model) stops sending once its first "
         "this-many sent requests all failed alike for a reason retrying cannot heal; 0: never",
     )
@@ -287,6 +405,16 @@ class RunConfig(_Strict):
             except ValueError as exc:
                 raise _LocatedError(("taxonomy",), str(exc)) from None
         return value
+
+    @model_validator(mode="after")
+    def _samples(self) -> RunConfig:
+        if self.samples_per_question > MAX_SAMPLES_PER_QUESTION:
+            raise _LocatedError(
+                ("models",),
+                f"{self.samples_per_question} response samples per question (the sum of the "
+                f"models' sampling.n) is more than {MAX_SAMPLES_PER_QUESTION}",
+            )
+        return self
 
     @model_validator(mode="after")
     def _references(self) -> RunConfig:
@@ -343,12 +471,34 @@ class _LocatedError(ValueError):
         self.loc = loc
 
 
-def _find_secrets(data: Any, loc: tuple[int | str, ...] = ()) -> tuple[int | str, ...] | None:
+def _find_secrets(
+    data: Any, loc: tuple[int | str, ...] = ()
+) -> tuple[tuple[int | str, ...], str] | None:
+    """The first secret written in a config (where, and what the error says), or None. The value
+    found is never part of the message."""
     if isinstance(data, dict):
+        user_named = loc in _USER_NAMED
         for key, value in data.items():
-            if isinstance(key, str) and key.lower() in SECRET_FIELDS:
-                return (*loc, key)
-            found = _find_secrets(value, (*loc, key))
+            here = (*loc, key)
+            if isinstance(key, str) and contains_secret(key):
+                return here, f"this name looks like an API key or token (not shown); {_USE_ENV}"
+            if isinstance(key, str) and not user_named and is_credential_name(key):
+                return here, (
+                    "secrets may not be written in a config file (this field is named like a "
+                    f"credential; README, Security); {_USE_ENV}"
+                )
+            if key == "api_key_env" and isinstance(value, str) and not is_env_var_name(value):
+                return here, (
+                    "expected the NAME of an environment variable (letters, digits and '_', not "
+                    "starting with a digit) that holds the key, not the key itself; the value is "
+                    "not shown"
+                )
+            if key == "api_key_secret" and isinstance(value, str) and not is_block_name(value):
+                return here, (
+                    "expected the name of a Prefect Secret block (lowercase letters, digits and "
+                    "'-') that holds the key, not the key itself; the value is not shown"
+                )
+            found = _find_secrets(value, here)
             if found:
                 return found
     elif isinstance(data, list):
@@ -356,7 +506,27 @@ def _find_secrets(data: Any, loc: tuple[int | str, ...] = ()) -> tuple[int | str
             found = _find_secrets(value, (*loc, index))
             if found:
                 return found
+    elif isinstance(data, str) and contains_secret(data):
+        return loc, f"this value looks like an API key or token (not shown); {_USE_ENV}"
     return None
+
+
+def _written_loc(data: Any, loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """`loc` as the file writes it: without the `kind` value that pydantic puts in the path of a
+    tagged union (`stages.images.source.typographic.per_branch` -> `...source.per_branch`)."""
+    out: list[int | str] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("kind") == part:
+            continue
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(out)
 
 
 def _error(file: str, lines: Lines, loc: tuple[int | str, ...], message: str) -> ConfigError:
@@ -385,18 +555,12 @@ def parse_config(
         raise ConfigError("expected a mapping at the top level", file=file)
     secret = _find_secrets(data)
     if secret:
-        raise _error(
-            file,
-            lines,
-            secret,
-            "secrets may not be written in a config file; put the key in an environment variable "
-            "and give its name as api_key_env (or a Prefect Secret block name as api_key_secret)",
-        )
+        raise _error(file, lines, *secret)
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = tuple(first["loc"])
+        loc = _written_loc(data, tuple(first["loc"]))
         ctx_error = (first.get("ctx") or {}).get("error")
         if isinstance(ctx_error, _LocatedError):
             loc = ctx_error.loc
@@ -431,16 +595,18 @@ def parse_config(
 def _describe(error: Any) -> str:
     ctx_error = (error.get("ctx") or {}).get("error")
     if isinstance(ctx_error, _LocatedError):
-        return str(ctx_error)
+        return redact(str(ctx_error))
     message = str(error["msg"])
     if error["type"] == "extra_forbidden":
         return "unknown field (check the spelling; see the README's config reference)"
     if error["type"] == "missing":
         return "required field is missing"
     got = error.get("input")
-    if error["type"] not in ("missing",) and not isinstance(got, dict | list):
+    quoted = not any(part in _UNQUOTED for part in error.get("loc", ()) if isinstance(part, str))
+    if quoted and not isinstance(got, dict | list):
         message += f" (got {got!r})"
-    return message
+    # A plug-in's message may quote its input: key shapes are redacted wherever they appear.
+    return redact(message)
 
 
 def load_config(path: str | Path) -> RunConfig:

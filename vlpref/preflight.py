@@ -34,12 +34,14 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from vlpref.config import RunConfig
 from vlpref.errors import ConfigError, VlprefError
+from vlpref.redact import redact, register_secret
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +111,189 @@ def static_problems(config: RunConfig) -> list[str]:
     return problems
 
 
+# -- what `run` needs besides the endpoints: checked here, with neither network nor a request ------
+
+# The fields each stage fills into its template (`Prompt.render` refuses any other set).
+TEMPLATE_FIELDS: Mapping[str, frozenset[str]] = {
+    "caption": frozenset({"class_path", "keywords"}),
+    "questions": frozenset({"caption", "class_path", "keywords"}),
+    "response": frozenset({"question"}),
+    "judge_safety": frozenset({"question", "response"}),
+    "judge_rating": frozenset({"aspect_lines", "aspects", "caption", "question", "response"}),
+    "judge_pairwise": frozenset({"question", "response_a", "response_b"}),
+}
+# A guard protocol's template: the conversation, and the policy where the template asks for it.
+GUARD_FIELDS = frozenset({"question", "response"})
+GUARD_OPTIONAL = frozenset({"policy"})
+
+
+def templates_used(config: RunConfig) -> list[str]:
+    """Every prompt template a run of `config` loads: the stages' and its judges' guard ones."""
+    from vlpref.protocols import GUARDS
+
+    specs = (GUARDS.get(j.protocol) for j in config.judges)
+    guards = sorted({s.template for s in specs if s is not None and s.template})
+    return [*TEMPLATE_FIELDS, *guards]
+
+
+def prompt_problems(config: RunConfig) -> list[str]:
+    """Each template the run uses reads, parses, and has the fields its stage fills in."""
+    from vlpref.prompts import load_prompt
+
+    field = "prompts_dir" if config.prompts_dir else "prompts"
+    problems = []
+    for name in templates_used(config):
+        try:
+            prompt = load_prompt(name, config.prompts_dir)
+        except ConfigError as exc:
+            problems.append(f"{field}: {exc}")
+            continue
+        required = TEMPLATE_FIELDS.get(name, GUARD_FIELDS)
+        optional = frozenset() if name in TEMPLATE_FIELDS else GUARD_OPTIONAL
+        missing = sorted(required - prompt.fields)
+        unexpected = sorted(prompt.fields - required - optional)
+        if missing or unexpected:
+            said = [f"missing {', '.join(f'${f}' for f in missing)}"] if missing else []
+            said += [f"unknown {', '.join(f'${f}' for f in unexpected)}"] if unexpected else []
+            problems.append(
+                f"{field}: {prompt.file}: the template's placeholders do not match what the stage "
+                f"fills in ({'; '.join(said)}; expected {', '.join(sorted(required | optional))})"
+            )
+    return problems
+
+
+def taxonomy_problems(config: RunConfig, only: Sequence[str] | None = None) -> list[str]:
+    """The taxonomy reads, and `only` (the CLI's `--only`, else the config's) selects branches."""
+    from vlpref.taxonomy import load_taxonomy
+
+    try:
+        taxonomy = load_taxonomy(config.taxonomy)
+    except ConfigError as exc:
+        return [f"taxonomy: {exc}"]
+    selected = list(only) if only else list(config.only)
+    if not selected:
+        return []
+    try:
+        taxonomy.select(selected)
+    except ConfigError as exc:
+        return [f"{'--only' if only else 'only'}: {exc}"]
+    return []
+
+
+def sample_problems(config: RunConfig) -> list[str]:
+    """A pair needs two responses to one question: at least two samples per question."""
+    samples = config.samples_per_question
+    if samples >= 2:
+        return []
+    return [
+        f"models: each question gets {samples} response sample (the sum of the models' "
+        "sampling.n), and a preference pair needs two: add a response model or set "
+        "sampling.n: 2"
+    ]
+
+
+def _local_path(location: str) -> str | None:
+    """The local path of a location; None for a URI of another filesystem (s3://, memory://)."""
+    if "://" not in location:
+        return location
+    scheme, _, rest = location.partition("://")
+    return rest if scheme in ("file", "local") else None
+
+
+def writable_problem(field: str, location: str) -> str | None:
+    """A folder `run` writes to exists and is writable, or can be created (its nearest existing
+    ancestor is a writable folder). Nothing is created."""
+    path = Path(location)
+    probe = path
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is not a folder" if probe == path else f"cannot be created: {probe} is not a folder"
+        return f"{field}: {location} {what}"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == path else f"cannot be created: {probe} is not writable"
+        return f"{field}: {location} {what}"
+    return None
+
+
+def store_problems(store_path: str) -> list[str]:
+    """`LATEST` (or, without it, the newest version) is complete: its marker and manifest read
+    and the files the manifest lists are there. A publish shares from it."""
+    from vlpref.errors import StoreError
+    from vlpref.store import Store
+
+    if not Path(store_path).is_dir():
+        return []
+    store = Store(store_path)
+    try:
+        latest = store.latest()
+        if latest is None:
+            return []
+        version = store.open(latest.version_id)
+        files = version.manifest["files"]
+    except StoreError as exc:
+        return [f"store: {exc}"]
+    except OSError as exc:
+        return [f"store: {exc.filename or store_path}: {exc.strerror or exc}"]
+    missing = [rel for rel in files if not os.path.exists(version.path(rel))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return [
+            f"store: {version.path(missing[0])}: missing{more}; version {latest.version_id}, "
+            "which LATEST names, is damaged"
+        ]
+    return []
+
+
+def location_problems(config: RunConfig, warn: Warn) -> list[str]:
+    """The workspace and the store are writable folders (or can be made), and the store's
+    `LATEST` names a complete version. A URI of another filesystem is left unchecked."""
+    problems = []
+    for field, location in (("workspace", config.workspace), ("store", config.store)):
+        path = _local_path(location)
+        if path is None:
+            warn(f"{field}: {location} is not a local path; not checked before the run")
+            continue
+        problem = writable_problem(field, path)
+        if problem is not None:
+            problems.append(problem)
+        elif field == "store":
+            problems.extend(store_problems(path))
+    return problems
+
+
+def key_problems(config: RunConfig) -> list[str]:
+    """The `api_key_env` variables of the endpoints the config uses are set (no request)."""
+    problems = []
+    for name in endpoint_models(config):
+        variable = config.endpoints[name].get("api_key_env")
+        if config.endpoint_kind(name) == "openai" and variable and not os.environ.get(variable):
+            problems.append(
+                f"endpoints.{name}.api_key_env: the environment variable {variable} is not set "
+                "(or empty)"
+            )
+    return problems
+
+
+def local_problems(
+    config: RunConfig, *, only: Sequence[str] | None = None, warn: Warn | None = None
+) -> list[str]:
+    """What `vlpref check` and `vlpref run` refuse without any network: the taxonomy (and the
+    `only` selection), every prompt template, two samples per question, the workspace and the
+    store (and its `LATEST`), and the key variables."""
+    warn = warn or logger.warning
+    return [
+        *taxonomy_problems(config, only),
+        *prompt_problems(config),
+        *sample_problems(config),
+        *location_problems(config, warn),
+        *key_problems(config),
+    ]
+
+
 def _resolve_key(name: str, options: Any) -> tuple[str | None, list[str]]:
-    """The endpoint's key (None: none configured, or not found) and the problems finding it."""
+    """The endpoint's key (None: none configured, or not found) and the problems finding it.
+    A key found is registered for redaction (`vlpref.redact`) before it is sent anywhere."""
     if options.api_key_env:
         key = os.environ.get(options.api_key_env)
         if not key:
@@ -118,6 +301,7 @@ def _resolve_key(name: str, options: Any) -> tuple[str | None, list[str]]:
                 f"endpoints.{name}.api_key_env: the environment variable "
                 f"{options.api_key_env} is not set (or empty)"
             ]
+        register_secret(key)
         return key, []
     if options.api_key_secret:
         try:
@@ -125,7 +309,9 @@ def _resolve_key(name: str, options: Any) -> tuple[str | None, list[str]]:
 
             # On a pool thread of `find_problems`: no event loop runs there.
             secret: Secret[str] = asyncio.run(Secret.aload(options.api_key_secret))
-            return str(secret.get()), []
+            value = str(secret.get())
+            register_secret(value)
+            return value, []
         except Exception as exc:  # the message names the block, never a value
             return None, [
                 f"endpoints.{name}.api_key_secret: the Prefect Secret block "
@@ -164,7 +350,7 @@ def check_openai(
             if opts.serve
             else ""
         )
-        detail = str(exc) or type(exc).__name__
+        detail = redact(str(exc)) or type(exc).__name__
         return [*problems, f"{where}.base_url: cannot reach {url}: {detail}{hint}"]
     status = response.status_code
     if status in (401, 403):
@@ -225,12 +411,19 @@ def _check_endpoint(
 
 
 def find_problems(
-    config: RunConfig, *, network: bool = True, warn: Warn | None = None
+    config: RunConfig,
+    *,
+    network: bool = True,
+    warn: Warn | None = None,
+    local: bool = False,
+    only: Sequence[str] | None = None,
 ) -> list[str]:
     """Every problem preflight finds, in endpoint order; warnings go to `warn` (default: this
-    module's logger). `network=False`: the static checks only."""
+    module's logger). `network=False`: the static checks only. `local=True` (`vlpref check` and
+    `vlpref run`): first `local_problems` (with `only`, the CLI's `--only`)."""
     warn = warn or logger.warning
-    problems = static_problems(config)
+    problems = local_problems(config, only=only, warn=warn) if local else []
+    problems += static_problems(config)
     if not network:
         return problems
     used = endpoint_models(config)
@@ -238,12 +431,19 @@ def find_problems(
         found = pool.map(lambda item: _check_endpoint(config, item[0], item[1], warn), used.items())
         for endpoint_problems in found:
             problems.extend(endpoint_problems)
-    return problems
+    return list(dict.fromkeys(problems))  # a missing key variable is found by both
 
 
-def check(config: RunConfig, *, network: bool = True, warn: Warn | None = None) -> None:
+def check(
+    config: RunConfig,
+    *,
+    network: bool = True,
+    warn: Warn | None = None,
+    local: bool = False,
+    only: Sequence[str] | None = None,
+) -> None:
     """Raise `PreflightError` listing every problem found; return quietly otherwise."""
-    problems = find_problems(config, network=network, warn=warn)
+    problems = find_problems(config, network=network, warn=warn, local=local, only=only)
     if problems:
         raise PreflightError(problems, config.source_file)
 

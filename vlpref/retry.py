@@ -57,6 +57,10 @@ PERMANENT_KINDS: Final = frozenset(
         "unsupported",
         "unreadable",
         "manifest_row",
+        "outside_root",  # a local path that resolves outside the image root
+        "not_regular",  # a device, FIFO or socket
+        "refused_host",  # a URL to a private/loopback/link-local address (allow_private/hosts)
+        "content_encoding",  # a download in an encoding vlpref does not inflate
     }
 )
 

@@ -283,7 +283,7 @@ async def test_download_retries_5xx_and_429_then_succeeds(server: _Server, code:
 
 async def test_download_gives_up_after_the_attempts(server: _Server) -> None:
     error = await fetch_fails(f"{base(server)}/flaky/always?fail=99&code=502", attempts=3)
-    assert error.kind == "http" and error.attempts == 3 and "502" in error.reason
+    assert error.kind == "server_error" and error.attempts == 3 and "502" in error.reason
     assert server.hits["/flaky/always"] == 3
 
 

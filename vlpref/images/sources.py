@@ -582,8 +582,11 @@ async def fetch_url(
     except HostRefused as exc:  # at connection time: the host resolved differently than before
         raise ImageRejected("refused_host", f"{shown}: {exc.reason}", attempts=tries) from None
     except _RetryableStatus as exc:
+        # Named as the model seam names them, so the rerun policy retries them (vlpref/retry.py);
+        # `http` is left for the 4xx answers that retrying cannot heal.
+        kind = "rate_limit" if exc.status == 429 else "server_error"
         raise ImageRejected(
-            "http", f"{shown}: HTTP {exc.status} after {tries} attempt(s)", attempts=tries
+            kind, f"{shown}: HTTP {exc.status} after {tries} attempt(s)", attempts=tries
         ) from None
     except (TimeoutError, httpx.TimeoutException):
         raise ImageRejected(
