@@ -23,7 +23,7 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.states import Completed
 
 from flows import progress
-from vlpref import heap, preflight, records
+from vlpref import heap, preflight, records, stopping
 from vlpref.config import RunConfig, load_config
 from vlpref.errors import BuildError, ConfigError, NothingToPublish
 from vlpref.gctune import throughput_gc
@@ -419,6 +419,7 @@ def build_dataset(
     from flows.publish import publish_version
 
     install_log_redaction()  # keys never reach a log record, Prefect's API logs included
+    stopping.reset()  # an earlier run in this process may have been interrupted
     run_config = load_config(config)
     if retry_failed is not None:
         run_config = run_config.model_copy(update={"retry_failed": check_policy(retry_failed)})

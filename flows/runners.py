@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from vlpref import stopping
 from vlpref.errors import ConfigError
 
 RUNNERS = ("threads", "dask", "ray")
@@ -61,13 +62,20 @@ class StoppingThreadPool(ThreadPoolTaskRunner[Any]):
 
     def cancel_all(self) -> None:
         if _interrupted(sys.exc_info()[1]):
-            cancel_model_requests()
+            _stop_work()
         super().cancel_all()
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         if _interrupted(exc_value):
-            cancel_model_requests()
+            _stop_work()
         super().__exit__(exc_type, exc_value, traceback)
+
+
+def _stop_work() -> None:
+    """Model requests in flight are cancelled; CPU loops (a branch's images) stop between two
+    items (vlpref/stopping.py)."""
+    stopping.request()
+    cancel_model_requests()
 
 
 def task_runner(

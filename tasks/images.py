@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vlpref import stopping
 from vlpref.config import (
     FolderSource,
     ImageSource,
@@ -221,6 +222,7 @@ async def _load_all(
 
         async def one(index: int, item: SourceItem) -> _Outcome:
             async with slots:
+                stopping.check()  # an interrupted run stops here, not after the branch
                 try:
                     if index in typo:
                         async with cpu:

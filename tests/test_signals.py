@@ -185,3 +185,22 @@ def test_sigterm_while_the_prefect_server_starts_leaves_no_server(
     )
     interrupt_and_check(proc, tmp_path, lambda: proc.send_signal(signal.SIGTERM))
     assert not (tmp_path / "ws" / "journal").exists()  # stopped before the flow began
+
+
+def test_sigterm_during_the_images_stage_stops_between_two_images(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """A branch of 10,000 typographic images is minutes of CPU in a worker thread that no signal
+    reaches; Prefect's teardown used to wait for all of it (and SIGTERM looked ignored). The
+    interrupted run now stops its images stage between two images (vlpref/stopping.py)."""
+    config = sim_config(tmp_path, sim.base_url, per_branch=10_000)
+    proc = start_run(tmp_path, config)
+    wait_for(
+        lambda: "Beginning flow run" in (tmp_path / "err.txt").read_text(),
+        proc,
+        tmp_path,
+        "the flow did not begin",
+    )
+    time.sleep(3)  # the images stage is rendering
+    interrupt_and_check(proc, tmp_path, lambda: proc.send_signal(signal.SIGTERM))
+    assert not list((tmp_path / "ws" / "stages" / "images").rglob("counts.json"))  # not finished
