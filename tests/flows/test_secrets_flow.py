@@ -3,12 +3,8 @@ server, the sim and an endpoint that echoes the key it receives, both over loopb
 key is searched for byte by byte in everything the run left: the command's output, the workspace
 (journal and stage outputs), the published version, and Prefect's database (logs, states,
 events, the build artifact). The same run checks that the published version names no absolute
-local path (the manifest, the card, the failures table), its folders being given relative to the
-config file's.
-
-Where absolute paths are not yet this test's business: the images table and image-stage failures
-(`source_meta`, item ids of a folder source) belong to the image sources' change, which makes
-them relative to the configured image root; they are left out of the path checks below.
+local path in any file (manifest, card, every table), its folders being given relative to the
+config file's and image names relative to the image root.
 """
 
 from __future__ import annotations
@@ -30,7 +26,6 @@ import yaml
 from PIL import Image
 
 from tests.echo_server import EchoServer
-from vlpref.config import FolderSource
 from vlpref.sim.testing import SIM_GENERATOR, SIM_JUDGE, SimServer
 from vlpref.store import Store
 
@@ -41,8 +36,7 @@ ECHO_MODELS = ("echo-401", "echo-400", "echo-500", "echo-html")
 
 
 def root_field(folder: str) -> dict[str, str]:
-    """`root: folder` where image sources have a root folder (the image sources' change)."""
-    return {"root": folder} if "root" in FolderSource.model_fields else {}
+    return {"root": folder}
 
 
 # No known key shape: only the registry (the provider and preflight register it) can catch it.
@@ -186,17 +180,8 @@ def test_the_published_version_names_no_absolute_local_path(run: dict[str, Any])
     overrides = json.loads(manifest_text)["stages"]["images"]["overrides"]
     # Relative to run.yaml's folder.
     assert overrides[FOLDER_BRANCH]["path"] == "images/malware"
-    if root_field("x"):
-        assert overrides[FOLDER_BRANCH]["root"] == "images"
-    failures = version.table("failures")
-    for row in failures.to_pylist():
-        if row["stage"] != "images":  # image item ids: the image sources' change
-            assert tmp not in row["item_id"] and tmp not in row["reason"], row
+    assert overrides[FOLDER_BRANCH]["root"] == "images"
     for rel in version.manifest["files"]:
-        if rel.endswith(".parquet") and not rel.startswith(("tables/images/", "tables/failures/")):
+        if rel.endswith(".parquet"):
             table = pq.read_table(version.path(rel))
-            if rel.startswith("data/"):  # the quadruples carry the images' source metadata
-                table = table.drop_columns(
-                    [c for c in table.column_names if c.startswith(("image", "source"))]
-                )
             assert not any(tmp in s for s in _strings(table)), rel
