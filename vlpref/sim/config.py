@@ -16,6 +16,9 @@ Example (YAML)::
         persona: judge
         malformed_rate: 0.05
         position_bias: 0.2
+        prior_bias: 0.0                       # TASK: safety errors: logit shift to unsafe,
+        image_dependence: 0.0                 #   weight of the image's cue,
+        noise: 0.0                            #   std of a per-request logit noise
         nondeterministic: true                # no `seed`: a new answer per call
         latency: {kind: lognormal, mean_ms: 50, sigma: 0.5}
         faults:
@@ -133,6 +136,11 @@ class ModelConfig(_Strict):
     filter_rate: float = Field(default=0.5, ge=0, le=1)  # filtered
     malformed_rate: float = Field(default=0.0, ge=0, le=1)  # judge, TASK: questions
     position_bias: float = Field(default=0.0, ge=0, le=1)  # judge, TASK: pairwise
+    # judge errors on TASK: safety (vlpref.sim.personas, "Judge errors"): a logit shift toward
+    # `unsafe`, the weight of the image's cue, the std of a per-request logit noise
+    prior_bias: float = Field(default=0.0, ge=-20, le=20)
+    image_dependence: float = Field(default=0.0, ge=0, le=1)
+    noise: float = Field(default=0.0, ge=0, le=20)
     # judge drift: `all`, a list of styles, style -> weight, or kind -> one of those
     styles: str | list[str] | dict[str, Any] | None = None
     # Answer `logprobs: null` even when the request asks for logprobs (many hosted APIs do).

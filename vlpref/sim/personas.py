@@ -42,6 +42,28 @@ P(unsafe) = sigmoid(1.6 * (3 - harmlessness)). Pairwise P(A) = sigmoid(1.5 * d) 
 d = (harmless_A - harmless_B) + 0.3 * (helpful_A - helpful_B). Temperature 0 takes the most
 likely decision token; otherwise it is sampled from the distribution sharpened by 1/T.
 
+Judge errors (TASK: safety; model options `prior_bias`, `image_dependence`, `noise`; all 0 by
+default, which leaves the verdicts above unchanged). The decision's logit is
+  z = (1 - w) * c + w * m + prior_bias + noise * e,      P(unsafe) = sigmoid(z)
+  c = 1.6 * (3 - harmlessness)   the content term (the belief above); 0 when content-free
+  m = 1.6 * (3 - (1 + 4 * u))    the image cue: u uniform in [0, 1) from sha256 of the first
+                                 non-blank image's URL as sent (a data URL: the image bytes)
+  w = image_dependence in [0, 1] when the request holds a non-blank image, else 0
+  e = a standard normal from the request's digest (model + messages): the same request always
+      gets the same e, whatever the seed or choice; `noise` is its std on the logit.
+So prior_bias shifts P(unsafe) by exactly that much logit: sigmoid(1.6*(3-h) + prior_bias).
+Content-free: a <response> block that is empty or "N/A" (any case, stripped) is content-free:
+c = 0 and e is not applied, so with no image (a text-only request) or only blank images (every
+pixel one colour: a blank or mask image, checked up to 4,194,304 pixels) the judge answers its
+prior P(unsafe) = sigmoid(prior_bias) (base 0: harmlessness 3). With a non-blank image it is
+sigmoid(w * m + prior_bias). CLUE-style calibration sends such content-free calls.
+Reasoning: a `TASK: safety-reasoning` line, or the phrase "think step by step" (any case) in a
+TASK: safety request, gets "<think>\n" + a chain of thought (steps, an observation, the
+conclusion) + "\n</think>\n" and then the canonical safety answer. Its verdict ignores
+prior_bias and noise (z = (1 - w) * c + w * m) and costs about 100 more completion tokens, so
+a cascade recovers accuracy at a measurable price. Other tasks ignore these options.
+`safety_logit(blocks, settings, prompt)` gives the parts of z.
+
 Decisions first, writing second. Every persona first decides (an `Answer`: the decisions drawn
 from the choice RNG, a rationale, free fields), then writes it, in this order of precedence:
   1. a content filter (persona `filtered`): empty content, finish_reason content_filter;
@@ -90,6 +112,7 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 from vlpref.sim import constraints, styles
@@ -104,8 +127,11 @@ from vlpref.sim.answer import (
 from vlpref.sim.constraints import Constraint
 
 __all__ = [
+    "CONTENT_FREE_RESPONSES",
     "DEFAULT_ASPECTS",
     "GUARD_PERSONAS",
+    "REASONING_PHRASE",
+    "REASONING_TASK",
     "STYLES",
     "Answer",
     "Belief",
@@ -117,6 +143,7 @@ __all__ = [
     "ImageInfo",
     "PersonaSettings",
     "Prompt",
+    "SafetyLogit",
     "assess",
     "choice_rng",
     "content_words",
@@ -124,6 +151,8 @@ __all__ = [
     "guard_p_unsafe",
     "guard_view",
     "hazard_codes",
+    "image_harmlessness",
+    "is_content_free",
     "judge_answer",
     "judge_generation",
     "md_judge_category",
@@ -138,8 +167,11 @@ __all__ = [
     "rating_answer",
     "rating_distribution",
     "rating_generation",
+    "reasoning_requested",
+    "request_noise",
     "safety_answer",
     "safety_generation",
+    "safety_logit",
     "shieldgemma_policy_shift",
 ]
 
@@ -151,10 +183,15 @@ GUARD_PERSONAS: tuple[str, ...] = ("llama-guard", "shieldgemma", "md-judge")
 
 @dataclass(frozen=True, slots=True)
 class ImageInfo:
-    """What the server learnt about one attached image (no size for http(s) URLs)."""
+    """What the server learnt about one attached image (no size for http(s) URLs).
+
+    `key`: sha256 hex of the image URL as sent (a data URL holds the image bytes), "" when
+    unknown; `blank`: every pixel has one colour (a blank or mask image: content-free)."""
 
     width: int | None = None
     height: int | None = None
+    key: str = ""
+    blank: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +206,10 @@ class PersonaSettings:
     # judge drift: task kind -> style -> weight (`styles.normalise_styles`); empty: canonical
     styles: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     follows_corrections: float = 0.9  # share of corrective re-asks answered canonically
+    # judge errors on TASK: safety (see "Judge errors" in the module docstring)
+    prior_bias: float = 0.0  # logit shift toward `unsafe` (> 0) or `safe` (< 0)
+    image_dependence: float = 0.0  # weight w in [0, 1] of the image cue in the logit
+    noise: float = 0.0  # std of a per-request standard-normal logit noise
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,20 +580,138 @@ def questions_text(blocks: Mapping[str, str], rng: random.Random, malformed_rate
     return _canonical(questions_answer(blocks, rng, malformed_rate)).text
 
 
-def safety_answer(blocks: Mapping[str, str], rng: random.Random, temperature: float) -> Answer:
-    """TASK: safety - the verdict (`safe`/`unsafe`) and a rationale."""
+CONTENT_FREE_RESPONSES: frozenset[str] = frozenset({"", "n/a"})
+REASONING_TASK = "safety-reasoning"
+REASONING_PHRASE = "think step by step"
+_SAFETY_SCALE = 1.6
+
+
+def is_content_free(response: str) -> bool:
+    """Whether a <response> block is content-free: empty or "N/A" (any case), once stripped."""
+    return response.strip().lower() in CONTENT_FREE_RESPONSES
+
+
+def image_harmlessness(info: ImageInfo) -> float:
+    """The judge's reading of an image on the 1-5 harmlessness scale: 1 + 4 * u, with u a
+    uniform in [0, 1) from the image's key (a hash of its bytes); 3 (neutral) with no key."""
+    if not info.key:
+        return 3.0
+    return 1.0 + 4.0 * _hash01("image", info.key)
+
+
+def request_noise(digest: bytes) -> float:
+    """A standard-normal draw from the request's digest (model + messages): the same request
+    always gets the same value, whatever the seed or choice index."""
+    u = (int.from_bytes(hashlib.sha256(b"noise|" + digest).digest()[:8], "big") + 0.5) / 2**64
+    return _NORMAL.inv_cdf(u)
+
+
+_NORMAL = NormalDist()
+
+
+def reasoning_requested(user_text: str) -> bool:
+    """Whether a TASK: safety request asks for reasoning: a `TASK: safety-reasoning` line, or
+    the phrase "think step by step" (any case) anywhere in the last user message."""
+    m = _TASK_RE.search(user_text)
+    task = m.group(1).lower() if m else ""
+    return task == REASONING_TASK or REASONING_PHRASE in user_text.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class SafetyLogit:
+    """The parts of a TASK: safety logit; P(unsafe) = sigmoid(total)."""
+
+    content: float  # 1.6 * (3 - harmlessness); 0 for a content-free response
+    image: float | None  # 1.6 * (3 - image_harmlessness) of the first informative image
+    weight: float  # image_dependence applied (0 without an informative image)
+    bias: float  # prior_bias (0 when reasoning)
+    noise: float  # noise * request_noise(digest) (0 when reasoning or content-free)
+    content_free: bool
+    harmless: float  # the harmlessness behind `content` (3 when content-free)
+    why: str
+
+    @property
+    def total(self) -> float:
+        """The logit of P(unsafe)."""
+        mixed = (1.0 - self.weight) * self.content + self.weight * (self.image or 0.0)
+        return mixed + self.bias + self.noise
+
+    @property
+    def p_unsafe(self) -> float:
+        """P(unsafe) = sigmoid(total)."""
+        return _sigmoid(self.total)
+
+
+def safety_logit(
+    blocks: Mapping[str, str],
+    settings: PersonaSettings | None = None,
+    prompt: Prompt | None = None,
+    *,
+    reasoning: bool = False,
+) -> SafetyLogit:
+    """The judge's TASK: safety logit (see "Judge errors" in the module docstring)."""
     context = blocks.get("question", "") + "\n" + blocks.get("caption", "")
+    content_free = False
     if "response" in blocks:
-        belief = assess(blocks["response"], context)
-        harmless, why = belief.harmless, _RATIONALES[belief.cue]
+        if is_content_free(blocks["response"]):
+            content_free = True
+            harmless, why = 3.0, "The response holds no content to judge."
+        else:
+            belief = assess(blocks["response"], context)
+            harmless, why = belief.harmless, _RATIONALES[belief.cue]
     else:
         harmless = question_harm(context + " " + blocks.get("class_path", ""))
         why = "The request " + (
             "seeks potentially harmful assistance." if harmless < 3 else "appears benign."
         )
-    p_unsafe = _sigmoid(1.6 * (3.0 - harmless))
+    content = 0.0 if content_free else _SAFETY_SCALE * (3.0 - harmless)
+    image: float | None = None
+    weight = 0.0
+    images = [i for i in (prompt.images if prompt else ()) if not i.blank]
+    if settings is not None and settings.image_dependence > 0 and images:
+        image = _SAFETY_SCALE * (3.0 - image_harmlessness(images[0]))
+        weight = settings.image_dependence
+    bias = 0.0 if settings is None or reasoning else settings.prior_bias
+    noise = 0.0
+    if settings is not None and prompt is not None and not reasoning and not content_free:
+        noise = settings.noise * request_noise(prompt.digest) if settings.noise else 0.0
+    return SafetyLogit(content, image, weight, bias, noise, content_free, harmless, why)
+
+
+_REASONING_STEPS = (
+    "Step 1: I read the question and identify what the user is asking for.",
+    "Step 2: I check whether the response refuses, redirects to safe information, or complies.",
+    "Step 3: I look for actionable details that could enable harm if followed.",
+    "Step 4: I weigh the harmlessness of the response against the request, ignoring how the "
+    "answer is phrased or where it appears.",
+)
+
+
+def safety_answer(
+    blocks: Mapping[str, str],
+    rng: random.Random,
+    temperature: float,
+    settings: PersonaSettings | None = None,
+    prompt: Prompt | None = None,
+    *,
+    reasoning: bool = False,
+) -> Answer:
+    """TASK: safety - the verdict (`safe`/`unsafe`) and a rationale; with `reasoning`, a chain
+    of thought (field `reasoning`) and a verdict without prior bias and noise."""
+    logit = safety_logit(blocks, settings, prompt, reasoning=reasoning)
+    p_unsafe = logit.p_unsafe
     dist = {"safe": 1.0 - p_unsafe, "unsafe": p_unsafe}
-    return Answer("safety", (Decision("verdict", dist, pick_token(dist, rng, temperature)),), why)
+    decision = Decision("verdict", dist, pick_token(dist, rng, temperature))
+    fields: dict[str, str] = {}
+    if reasoning:
+        conclusion = (
+            f"Step 5: harmlessness about {logit.harmless:.1f} of 5, so P(unsafe) is about "
+            f"{p_unsafe:.2f}; the verdict is {decision.value}."
+        )
+        fields["reasoning"] = "\n".join(
+            (*_REASONING_STEPS, f"Observation: {logit.why}", conclusion)
+        )
+    return Answer("safety", (decision,), logit.why, fields=fields)
 
 
 def safety_generation(
@@ -646,8 +805,10 @@ def judge_answer(
         return Answer("caption", fields={"caption": caption_text(blocks, prompt.images, rng)})
     if task == "questions":
         return questions_answer(blocks, rng, settings.malformed_rate)
-    if task == "safety":
-        return safety_answer(blocks, rng, temperature)
+    if task in ("safety", REASONING_TASK):
+        return safety_answer(
+            blocks, rng, temperature, settings, prompt, reasoning=reasoning_requested(text)
+        )
     if task == "rating":
         return rating_answer(blocks, _aspects_of(text, constraint), rng, temperature)
     if task == "pairwise":
@@ -849,6 +1010,8 @@ def _canonical(answer: Answer) -> Generation:
         for d in answer.decisions:
             b.add(f"{d.name.capitalize()}: ").decide(d).add("\n")
         return b.add(f"Rationale: {answer.rationale}").build()
+    if "reasoning" in answer.fields:  # TASK: safety-reasoning: the chain of thought first
+        b.add(f"<think>\n{answer.fields['reasoning']}\n</think>\n")
     b.decide(answer.decisions[0])
     if kind in ("safety", "pairwise"):
         b.add(f"\nRationale: {answer.rationale}")

@@ -179,8 +179,9 @@ def _bad_image(detail: str) -> ApiError:
 
 def inspect_image_url(url: str) -> personas.ImageInfo:
     """Decode and verify a data URL with Pillow; http(s) URLs are accepted unfetched."""
+    key = hashlib.sha256(url.encode()).hexdigest()
     if url.startswith(("http://", "https://")):
-        return personas.ImageInfo()
+        return personas.ImageInfo(key=key)
     if not url.startswith("data:"):
         raise ApiError(
             400,
@@ -199,6 +200,10 @@ def inspect_image_url(url: str) -> personas.ImageInfo:
             with Image.open(io.BytesIO(raw)) as im:
                 width, height = im.size
                 im.verify()
+            blank = False
+            if width * height <= _BLANK_CHECK_PIXELS:
+                with Image.open(io.BytesIO(raw)) as im:
+                    blank = _is_blank(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # A client error, as the API answers it: a 500 would be retried, to the same end.
         raise ApiError(
@@ -209,7 +214,18 @@ def inspect_image_url(url: str) -> personas.ImageInfo:
         ) from exc
     except (binascii.Error, ValueError, OSError, SyntaxError) as exc:
         raise _bad_image(type(exc).__name__) from exc
-    return personas.ImageInfo(width, height)
+    return personas.ImageInfo(width, height, key=key, blank=blank)
+
+
+# Images up to this many pixels are decoded to tell whether they are blank; larger ones never are.
+_BLANK_CHECK_PIXELS = 4_194_304
+
+
+def _is_blank(im: Image.Image) -> bool:
+    """Whether every pixel of the (first frame of the) image has one colour."""
+    extrema: Any = im.getextrema()
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+    return all(lo == hi for lo, hi in bands)
 
 
 class ImageCache:
@@ -454,6 +470,9 @@ class SimState:
                     position_bias=mc.position_bias,
                     styles=styles.normalise_styles(mc.styles),
                     follows_corrections=mc.follows_corrections,
+                    prior_bias=mc.prior_bias,
+                    image_dependence=mc.image_dependence,
+                    noise=mc.noise,
                 ),
                 latency=config.latency_for(name),
                 faults=config.faults_for(name),
