@@ -61,7 +61,7 @@ sigmoid(w * m + prior_bias). CLUE-style calibration sends such content-free call
 Reasoning: a `TASK: safety-reasoning` line, or the phrase "think step by step" (any case) in a
 TASK: safety request, gets "<think>\n" + a chain of thought (steps, an observation, the
 conclusion) + "\n</think>\n" and then the canonical safety answer. Its verdict ignores
-prior_bias and noise (z = (1 - w) * c + w * m) and costs about 100 more completion tokens, so
+prior_bias and noise (z = (1 - w) * c + w * m) and costs about 125 more completion tokens, so
 a cascade recovers accuracy at a measurable price. Other tasks ignore these options.
 `safety_logit(blocks, settings, prompt)` gives the parts of z.
 
