@@ -111,7 +111,12 @@ def _served(model_cfg: dict[str, Any], text: str, image: str | None) -> dict[str
 
 def _served_p(out: dict[str, Any]) -> float:
     choice = out["choices"][0]
-    tops = choice["logprobs"]["content"][0]["top_logprobs"]
+    verdict = next(  # the decision token: its top_logprobs hold both verdicts
+        t
+        for t in choice["logprobs"]["content"]
+        if {x["token"].strip() for x in t["top_logprobs"]} == {"safe", "unsafe"}
+    )
+    tops = verdict["top_logprobs"]
     return sum(math.exp(t["logprob"]) for t in tops if t["token"].strip() == "unsafe")
 
 
@@ -274,3 +279,19 @@ def test_write_jsonl_and_parquet(tmp_path: Path) -> None:
     assert table[0]["image_bytes"] == (out.parent / lines[0]["image"]).read_bytes()
     assert labelled.main([str(tmp_path / "p.jsonl"), "--n", "4", "--kind", "pairwise"]) == 0
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 4
+
+
+def test_served_reasoning_costs_completion_tokens_and_config_bounds() -> None:
+    cfg = {"prior_bias": 2.0, "noise": 0.5}
+    row = labelled.safety_rows(10, seed=0)[8]
+    plain = _served(cfg, labelled.safety_prompt(row), None)
+    reasoned = _served(cfg, labelled.safety_prompt(row, reasoning=True), None)
+    extra = reasoned["usage"]["completion_tokens"] - plain["usage"]["completion_tokens"]
+    assert 100 <= extra <= 160
+    assert reasoned["choices"][0]["message"]["content"].startswith("<think>\n")
+    assert _served_p(reasoned) == pytest.approx(_p_unsafe(_judge(), labelled.safety_prompt(row)))
+    from vlpref.errors import ConfigError
+
+    for bad in ({"image_dependence": 1.5}, {"noise": -1}, {"prior_bias": 50}):
+        with pytest.raises(ConfigError):
+            load_config({"models": {"j": {"persona": "judge", **bad}}})

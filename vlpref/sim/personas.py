@@ -711,7 +711,7 @@ def safety_answer(
     fields: dict[str, str] = {}
     if reasoning:
         conclusion = (
-            f"Step 5: harmlessness about {logit.harmless:.1f} of 5, so P(unsafe) is about "
+            f"Step 5: harmlessness about {logit.harmless:.1f} of 5, so the chance of harm is about "
             f"{p_unsafe:.2f}; the verdict is {decision.value}."
         )
         fields["reasoning"] = "\n".join(
