@@ -262,6 +262,18 @@ def responses_task(
     return _finish(workspace, config, output, key, {"responses": output.rows}, started, previous)
 
 
+def _aggregate(config: RunConfig) -> list[str]:
+    """The judges' aggregation in a stage key, only when not the default `mean` (so that keys
+    written before the option existed stay valid)."""
+    aggregate = config.stages.judge.aggregate
+    return [] if aggregate == "mean" else [f"aggregate={aggregate}"]
+
+
+def _judge_settings(config: RunConfig) -> dict[str, Any]:
+    exclude = {"aggregate"} if config.stages.judge.aggregate == "mean" else None
+    return config.stages.judge.model_dump(mode="json", exclude=exclude)
+
+
 @task(name="judge", **TASK_OPTIONS)
 def judge_task(
     config: RunConfig, leaf: Subcategory, images: StageRef, questions: StageRef, responses: StageRef
@@ -274,7 +286,7 @@ def judge_task(
         _columns("judge"),
         responses.output_id,
         [_entry(config, j.name) for j in config.judges],
-        config.stages.judge.model_dump(mode="json"),
+        _judge_settings(config),
         config.stages.pairs.model_dump(mode="json"),  # candidate pairs follow the policy
         _prompts(
             config, "judge_safety", "judge_rating", "judge_pairwise", *_guard_templates(config)
@@ -303,7 +315,11 @@ def pairs_task(
 
     workspace, started = Workspace(config.workspace), time.perf_counter()
     key = stage_key(
-        "pairs", _columns("pairs"), judge.output_id, config.stages.pairs.model_dump(mode="json")
+        "pairs",
+        _columns("pairs"),
+        judge.output_id,
+        config.stages.pairs.model_dump(mode="json"),
+        *_aggregate(config),
     )
     previous = _reuse_or_run(workspace, config, "pairs", leaf.branch_id, key)
     if previous.reuse:

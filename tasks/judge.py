@@ -60,6 +60,14 @@ from vlpref.stage import FailureRow, StageOutput
 Parsed = list[dict[str, Any]]  # judgment rows made from one answer
 
 
+@dataclass
+class TokenCount:
+    """Tokens of the judge answers received (sent or from the journal), re-asks included."""
+
+    prompt: int = 0
+    completion: int = 0
+
+
 @dataclass(frozen=True)
 class _Call:
     """One judge call: its request and how to turn an answer into judgment rows."""
@@ -75,9 +83,13 @@ class _Call:
 
 
 def candidates_from_judgments(
-    responses: Sequence[Mapping[str, Any]], judgments: Iterable[Mapping[str, Any]]
+    responses: Sequence[Mapping[str, Any]],
+    judgments: Iterable[Mapping[str, Any]],
+    aggregate: str = "mean",
 ) -> dict[str, list[Candidate]]:
-    """question_id -> its responses as selection candidates, scores averaged over judges."""
+    """question_id -> its responses as selection candidates, ratings averaged over judges and
+    P(unsafe) combined by `aggregate` (`stages.judge.aggregate`): `mean` of the judges' P(unsafe),
+    `majority` the share of judges with P(unsafe) >= 0.5, `any_unsafe` the highest P(unsafe)."""
     p_unsafe: dict[str, list[float]] = defaultdict(list)
     ratings: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for j in judgments:
@@ -93,7 +105,7 @@ def candidates_from_judgments(
                 response_id=rid,
                 model=r["model"],
                 sample_idx=r["sample_idx"],
-                p_unsafe=_mean(p_unsafe.get(rid)),
+                p_unsafe=combine_p_unsafe(p_unsafe.get(rid), aggregate),
                 ratings={
                     a: m for a, v in ratings.get(rid, {}).items() if (m := _mean(v)) is not None
                 },
@@ -102,6 +114,15 @@ def candidates_from_judgments(
             )
         )
     return out
+
+
+def combine_p_unsafe(values: Sequence[float] | None, aggregate: str) -> float | None:
+    good = [v for v in values or () if not math.isnan(v)]
+    if not good or aggregate == "mean":
+        return _mean(good)
+    if aggregate == "majority":
+        return sum(1 for v in good if v >= 0.5) / len(good)
+    return max(good)  # any_unsafe
 
 
 def _mean(values: Sequence[float] | None) -> float | None:
@@ -119,7 +140,13 @@ def judge_responses(
     config: RunConfig,
     journal: Journal | None,
     service: ModelService | None = None,
+    *,
+    pairs: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    tokens: TokenCount | None = None,
 ) -> StageOutput:
+    """`pairs` (judge evaluation): question_id -> the response pairs to compare, each asked in
+    both orders, instead of the pairs selection picks from the pointwise scores. `tokens`, when
+    given, adds up the tokens of the answers."""
     service = service or ModelService.shared()
     stage = config.stages.judge
     image_rows = {r["image_id"]: r for r in images.to_pylist()}
@@ -226,36 +253,47 @@ def judge_responses(
         calls_for: Callable[[JudgeEntry], Iterator[_Call]],
     ) -> tuple[TableBuilder, list[FailureRow], int]:
         calls = {j.name: calls_for(j) for j in config.judges}
-        return _run_calls(calls, config, journal, service, stage.max_attempts, stats)
+        return _run_calls(calls, config, journal, service, stage.max_attempts, stats, tokens)
 
     rows, failures, n_calls = run_phase(pointwise_calls)
     tables = [rows.table()]
 
-    if stage.pairwise and stage.max_pairs_per_question > 0:
+    if pairs is not None:
+        chosen_pairs: Mapping[str, Sequence[tuple[str, str]]] = pairs
+    elif stage.pairwise and stage.max_pairs_per_question > 0:
         candidates = candidates_from_judgments(
-            response_rows, iter_rows(tables[0], ("kind", "response_id", "aspect", "score"))
+            response_rows,
+            iter_rows(tables[0], ("kind", "response_id", "aspect", "score")),
+            stage.aggregate,
         )
         groups = safety_groups(
             safety_rates(c for cs in candidates.values() for c in cs),
             config.stages.pairs.safety_groups,
         )
         weights = score_weights(config.stages.pairs, stage)
+        chosen_pairs = {
+            question_id: candidate_pairs(
+                question_id,
+                cands,
+                groups,
+                config.stages.pairs,
+                max_pairs=stage.max_pairs_per_question,
+                weights=weights,
+            )
+            for question_id, cands in sorted(candidates.items())
+        }
+    else:
+        chosen_pairs = {}
+
+    if chosen_pairs:
 
         def pairwise_calls(judge: JudgeEntry) -> Iterator[_Call]:
             if judge.protocol in GUARDS:
                 return  # guard models give safety verdicts only
             pair_constraint = constraint(judge, "pairwise")
-            for question_id, cands in sorted(candidates.items()):
+            for question_id, question_pairs in sorted(chosen_pairs.items()):
                 question = question_rows[question_id]["text"]
-                pairs = candidate_pairs(
-                    question_id,
-                    cands,
-                    groups,
-                    config.stages.pairs,
-                    max_pairs=stage.max_pairs_per_question,
-                    weights=weights,
-                )
-                for x, y in pairs:
+                for x, y in question_pairs:
                     for first, second in ((x, y), (y, x)):
                         text = pairwise_prompt.render(
                             question=question,
@@ -360,6 +398,7 @@ def _run_calls(
     service: ModelService,
     max_attempts: int,
     stats: BatchStats,
+    tokens: TokenCount | None = None,
 ) -> tuple[TableBuilder, list[FailureRow], int]:
     """Ask every call, re-asking unparseable answers with a corrective turn (and a new seed); one
     failure per call that never produced a parseable answer. Returns (rows, failures, number of
@@ -409,6 +448,10 @@ def _run_calls(
                 call_id = result.request.id
                 call = live.pop(call_id)
                 tries[call_id] += max(result.attempts, 1)
+                usage = result.samples[0].usage if result.samples else None
+                if tokens is not None and usage is not None:
+                    tokens.prompt += usage.prompt_tokens
+                    tokens.completion += usage.completion_tokens
                 if not result.ok or not result.samples:
                     failure = result.failure
                     if failure is not None:

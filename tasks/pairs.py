@@ -66,7 +66,9 @@ def select_branch_pairs(
     # are most of the bytes, and converting them to Python was most of this stage's time.
     judgment_rows = judgments.select(list(JUDGMENT_COLUMNS)).to_pylist()
     candidates = candidates_from_judgments(
-        responses.select(list(RESPONSE_COLUMNS)).to_pylist(), judgment_rows
+        responses.select(list(RESPONSE_COLUMNS)).to_pylist(),
+        judgment_rows,
+        config.stages.judge.aggregate,
     )
     groups = safety_groups(
         safety_rates(c for cs in candidates.values() for c in cs), pairs_config.safety_groups

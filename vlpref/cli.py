@@ -341,6 +341,65 @@ def serve(
     serve_deployments(prefect_yaml, config=str(config) if config else None, limit=limit)
 
 
+@app.command("judge-eval")
+def judge_eval(
+    config: Annotated[Path, typer.Argument(help="run config YAML (its judges are evaluated)")],
+    labelled: Annotated[Path, typer.Argument(help="labelled file: Parquet, JSONL, JSON or CSV")],
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            "--columns",
+            help="logical=column mapping, e.g. image=img_path,question=prompt,response=answer,"
+            "label=is_unsafe,category=class2 (default: the config's judge_eval.columns)",
+        ),
+    ] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="safety, pairwise or rating")] = None,
+    target_fpr: Annotated[
+        float | None,
+        typer.Option("--target-fpr", help="false-positive rate the threshold is chosen for"),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="report folder (default: <workspace>/judge-eval/<file>)"),
+    ] = None,
+) -> None:
+    """Run the configured judges over a labelled file (same prompts, protocols, constraints and
+    journal as a build) and write report.md and report.json: safety, pairwise or rating metrics,
+    overall and per category, agreement between judges, and the cost per item."""
+    from typing import cast
+
+    from vlpref.config import load_config
+    from vlpref.errors import DataError
+    from vlpref.evaluation.labelled import Kind, load_labelled, parse_columns
+    from vlpref.evaluation.run import evaluate, write_report
+
+    cfg = load_config(config)
+    settings = cfg.judge_eval
+    chosen = kind or settings.kind
+    if chosen not in ("safety", "pairwise", "rating"):
+        raise DataError(f"--kind: {chosen!r} is not safety, pairwise or rating")
+    mapping = dict(settings.columns)
+    mapping.update(parse_columns(columns))
+    data = load_labelled(
+        labelled,
+        cast(Kind, chosen),
+        parse_columns(",".join(f"{k}={v}" for k, v in mapping.items())),
+    )
+    fpr = settings.target_fpr if target_fpr is None else target_fpr
+    if not 0 <= fpr <= 1:
+        raise DataError(f"--target-fpr: {fpr} is not in [0, 1]")
+    report = evaluate(cfg, data, target_fpr=fpr)
+    folder = out or Path(cfg.workspace) / "judge-eval" / f"{labelled.stem}-{data.file_hash[:12]}"
+    md, js = write_report(report, folder)
+    cost = report["cost"]
+    console.print(
+        f"[green]ok[/green] {len(data.items)} item(s), {len(data.failures)} row(s) not used; "
+        f"{cost['judge_calls']} judge call(s): {cost['requests_sent']} sent, "
+        f"{cost['requests_from_journal']} from the journal; report: {md} and {js}",
+        highlight=False,
+    )
+
+
 @app.command("check")
 def check(
     config: Annotated[Path, typer.Argument(help="run config YAML")],

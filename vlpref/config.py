@@ -275,6 +275,10 @@ class JudgeStage(_Strict):
     max_attempts: int = Field(
         default=3, ge=1, le=20, description="asks per judgment when unparseable"
     )
+    # How several judges' safety verdicts combine into a response's P(unsafe): the mean
+    # probability, the share of judges whose verdict is unsafe (majority: > 0.5), or the highest
+    # probability (any judge that finds it unsafe makes it unsafe).
+    aggregate: Literal["mean", "majority", "any_unsafe"] = "mean"
 
     @field_validator("aspects")
     @classmethod
@@ -340,12 +344,23 @@ class StagesConfig(_Strict):
     publish: PublishStage = PublishStage()
 
 
+class JudgeEvalConfig(_Strict):
+    """Defaults of `vlpref judge-eval` (its options override them): the labelled file's column
+    mapping (logical name -> the file's column, README "Judge evaluation"), the kind of labels
+    and the false-positive rate the threshold is chosen for."""
+
+    columns: dict[str, str] = Field(default_factory=dict, max_length=16)
+    kind: Literal["safety", "pairwise", "rating"] = "safety"
+    target_fpr: float = Field(default=0.05, ge=0, le=1)
+
+
 class RunConfig(_Strict):
     name: Name
     taxonomy: str
     workspace: str = ".vlpref/workspace"
     store: str = ".vlpref/store"
     endpoints: dict[Name, dict[str, Any]] = Field(max_length=64)
+    judge_eval: JudgeEvalConfig = JudgeEvalConfig()
     models: tuple[ModelEntry, ...] = Field(min_length=1, max_length=MAX_MODELS)
     generator: GeneratorEntry
     judges: tuple[JudgeEntry, ...] = Field(min_length=1, max_length=16)
@@ -459,6 +474,7 @@ class RunConfig(_Strict):
                 "retry_failed",
                 "warn_failure_rate",
                 "source_file",
+                "judge_eval",
             },
         )
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,1 @@
+"""Judge evaluation: run the configured judges over a labelled file and measure them."""
