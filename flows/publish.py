@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from tasks.publish import branch_parts, dataset_card
 from vlpref import __version__
 from vlpref.config import ModelEntry, RunConfig
+from vlpref.evaluation import metrics
 from vlpref.prompts import prompt_versions
 from vlpref.redact import redact
 from vlpref.store import Part, SharedFile, Store, Version
@@ -177,6 +178,66 @@ def model_safety_counts(tables: dict[str, pa.Table]) -> dict[str, dict[str, floa
     return out
 
 
+def agreement_counts(judgments: pa.Table, judges: list[str]) -> dict[str, Any] | None:
+    """With several judges, the branch's safety verdicts as summable counts: the contingency
+    table of the first two judges (Cohen's kappa, exactly two judges) and Krippendorff's
+    coincidence matrix (alpha, nominal), keyed `verdict|verdict`. None with one judge."""
+    if len(judges) < 2:
+        return None
+    safety = judgments.filter(pc.equal(judgments["kind"], "safety"))
+    by_response: dict[str, dict[str, str]] = {}
+    for rid, judge, verdict in zip(
+        safety["response_id"].to_pylist(),
+        safety["judge"].to_pylist(),
+        safety["verdict"].to_pylist(),
+        strict=True,
+    ):
+        if verdict:
+            by_response.setdefault(rid, {})[judge] = verdict
+    names = sorted(judges)
+    contingency = Counter(
+        f"{v[names[0]]}|{v[names[1]]}"
+        for v in by_response.values()
+        if names[0] in v and names[1] in v
+    )
+    units = {rid: [v[j] for j in names if j in v] for rid, v in by_response.items()}
+    coincidence = {f"{x}|{y}": n for (x, y), n in metrics.coincidences(units).items()}
+    return {"judges": names, "contingency": dict(contingency), "coincidence": coincidence}
+
+
+def judge_agreement(branches: dict[str, dict[str, Any]], judges: list[str]) -> dict[str, Any]:
+    """The version's agreement between judges on the safety verdicts: Cohen's kappa (two
+    judges) or Krippendorff's alpha (nominal, more), from the branches' summed counts."""
+    names = sorted(judges)
+    if len(names) < 2:
+        return {"judges": len(names), "metric": None, "value": None, "reason": "one judge"}
+    table: Counter[tuple[str, str]] = Counter()
+    coincidence: dict[tuple[str, str], float] = {}
+    missing = 0
+    for branch in branches.values():
+        counts = branch.get("judge_agreement_counts")
+        if not counts or counts.get("judges") != names:
+            missing += 1  # published before the counts existed, or by other judges
+            continue
+        for key, n in counts["contingency"].items():
+            x, _, y = key.partition("|")
+            table[(x, y)] += n
+        for key, n in counts["coincidence"].items():
+            x, _, y = key.partition("|")
+            coincidence[(x, y)] = coincidence.get((x, y), 0.0) + n
+    if len(names) == 2:
+        m = metrics.kappa_from_table(table)
+        out: dict[str, Any] = {"judges": 2, "metric": "cohen_kappa", "items": sum(table.values())}
+    else:
+        m = metrics.alpha_from_coincidence(coincidence)
+        out = {"judges": len(names), "metric": "krippendorff_alpha"}
+    out["value"] = m.value
+    if m.reason:
+        out["reason"] = m.reason
+    out["branches_without_counts"] = missing
+    return out
+
+
 def model_safety(branches: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """SPA-VL's Table 1 over the whole version: share judged unsafe and mean P(unsafe)."""
     total: dict[str, Counter[str]] = {}
@@ -264,6 +325,8 @@ def publish_version(
                 info.update(
                     status="reused", rows=previous["rows"], model_safety=previous["model_safety"]
                 )
+                if "judge_agreement_counts" in previous:
+                    info["judge_agreement_counts"] = previous["judge_agreement_counts"]
             else:
                 tables = branch_tables(workspace, branch_refs, roots)
                 info.update(
@@ -271,6 +334,9 @@ def publish_version(
                     rows={name: tbl.num_rows for name, tbl in tables.items()},
                     model_safety=model_safety_counts(tables),
                 )
+                counts = agreement_counts(tables["judgments"], [j.name for j in config.judges])
+                if counts is not None:
+                    info["judge_agreement_counts"] = counts
                 yield from branch_parts(leaf.branch_id, tables, config.stages.publish).items()
                 del tables
             branches[leaf.branch_id] = info
@@ -301,6 +367,7 @@ def publish_version(
             "branches": branches,
             "counts": dict(sum((Counter(b["rows"]) for b in branches.values()), Counter())),
             "model_safety": model_safety(branches),
+            "judge_agreement": judge_agreement(branches, [j.name for j in config.judges]),
         }
 
     info_ = store.publish(

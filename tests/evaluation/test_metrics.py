@@ -136,6 +136,8 @@ def test_loader_maps_columns_and_counts_bad_rows(tmp_path: Path) -> None:
     assert "neither unsafe nor safe" in data.failures[1].reason
     assert "URL" in data.failures[2].reason
     assert data.has_category
+    inverted = load_labelled(tmp_path / "f.csv", "safety", {**cols, "label": "!is_unsafe"})
+    assert [i.unsafe for i in inverted.items] == [False, True]  # `!`: a "safe is true" column
     with pytest.raises(DataError, match=r"f\.csv: no column 'nope' \(for label\)"):
         load_labelled(tmp_path / "f.csv", "safety", {**cols, "label": "nope"})
     with pytest.raises(DataError, match="unknown column"):

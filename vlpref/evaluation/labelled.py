@@ -8,7 +8,8 @@ column of that very name):
   images first and point the column at the files): such a row is a counted failure.
 - `question`: the user's question; `category`: a taxonomy category (optional, per-category metrics).
 - safety: `response` and `label` (unsafe: 1, true, yes, unsafe, harmful, toxic; safe: 0, false,
-  no, safe, harmless, benign; case-insensitive; booleans and 0/1 numbers too).
+  no, safe, harmless, benign; case-insensitive; booleans and 0/1 numbers too). `label=!is_safe`
+  reads a column that says "safe" as true (BeaverTails-V's `is_safe`): its values inverted.
 - pairwise: `response_a`, `response_b` and `preferred` (a, b, response_a, response_b, first,
   second, 0 (= a), 1 (= b), tie, equal, none). Without a `preferred` column `response_a` is the
   preferred one (SPA-VL's and most DPO files: `response_a=chosen,response_b=rejected`).
@@ -22,6 +23,7 @@ failure with its reason; a file or column that cannot be used is a `DataError` n
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -137,6 +139,9 @@ def read_table(path: Path) -> pd.DataFrame:
 def load_labelled(path: Path, kind: Kind, columns: Mapping[str, str] | None = None) -> Labelled:
     frame = read_table(path)
     mapping = dict(columns or {})
+    invert = mapping.get("label", "").startswith("!")
+    if invert:
+        mapping["label"] = mapping["label"][1:]
     present = set(map(str, frame.columns))
 
     def column(logical: str, *, required: bool) -> str | None:
@@ -169,7 +174,10 @@ def load_labelled(path: Path, kind: Kind, columns: Mapping[str, str] | None = No
     for i, raw in enumerate(frame.to_dict("records")):
         record = {str(k): v for k, v in raw.items()}
         try:
-            items.append(_item(i, record, cols, kind, aspects, base))
+            item = _item(i, record, cols, kind, aspects, base)
+            if invert and item.unsafe is not None:
+                item = dataclasses.replace(item, unsafe=not item.unsafe)
+            items.append(item)
         except _Bad as exc:
             failures.append(RowFailure(i, str(exc)))
     return Labelled(

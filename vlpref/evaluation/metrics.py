@@ -174,11 +174,20 @@ def rating_agreement(human: Sequence[float], judge: Sequence[float]) -> dict[str
 
 def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> Metric:
     """(p_o - p_e) / (1 - p_e) over the items both raters judged."""
-    n = len(a)
+    return kappa_from_table(Counter(zip(a, b, strict=True)))
+
+
+def kappa_from_table(table: Mapping[tuple[str, str], float]) -> Metric:
+    """Cohen's kappa from a contingency table (rater a's value, rater b's value) -> count."""
+    n = sum(table.values())
     if not n:
         return Metric(None, "no items both judges rated")
-    p_o = sum(1 for x, y in zip(a, b, strict=True) if x == y) / n
-    ca, cb = Counter(a), Counter(b)
+    p_o = sum(v for (x, y), v in table.items() if x == y) / n
+    ca: dict[str, float] = defaultdict(float)
+    cb: dict[str, float] = defaultdict(float)
+    for (x, y), v in table.items():
+        ca[x] += v
+        cb[y] += v
     p_e = sum(ca[k] * cb[k] for k in set(ca) | set(cb)) / (n * n)
     if p_e == 1:
         return Metric(None, "both judges gave one and the same verdict throughout")
@@ -187,6 +196,11 @@ def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> Metric:
 
 def krippendorff_alpha(units: Mapping[str, Sequence[str]]) -> Metric:
     """Nominal alpha: 1 - D_o / D_e over the coincidence matrix; units with < 2 values skipped."""
+    return alpha_from_coincidence(coincidences(units))
+
+
+def coincidences(units: Mapping[str, Sequence[str]]) -> dict[tuple[str, str], float]:
+    """Krippendorff's coincidence matrix (summable over disjoint sets of units)."""
     coincidence: dict[tuple[str, str], float] = defaultdict(float)
     for values in units.values():
         m = len(values)
@@ -196,6 +210,10 @@ def krippendorff_alpha(units: Mapping[str, Sequence[str]]) -> Metric:
             for j, y in enumerate(values):
                 if i != j:
                     coincidence[(x, y)] += 1 / (m - 1)
+    return dict(coincidence)
+
+
+def alpha_from_coincidence(coincidence: Mapping[tuple[str, str], float]) -> Metric:
     n = sum(coincidence.values())
     if not n:
         return Metric(None, "no item judged by two judges")
