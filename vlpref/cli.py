@@ -384,6 +384,8 @@ def judge_eval(
         labelled,
         cast(Kind, chosen),
         parse_columns(",".join(f"{k}={v}" for k, v in mapping.items())),
+        max_bytes=cfg.stages.images.max_bytes,
+        download_timeout_s=cfg.stages.images.download_timeout_s,
     )
     fpr = settings.target_fpr if target_fpr is None else target_fpr
     if not 0 <= fpr <= 1:

@@ -126,15 +126,19 @@ def test_loader_maps_columns_and_counts_bad_rows(tmp_path: Path) -> None:
         "a.png,q2,r2,0,y\n"
         "missing.png,q3,r3,1,x\n"
         "a.png,q4,r4,maybe,x\n"
-        "https://example.org/i.png,q5,r5,1,x\n"
+        "http://127.0.0.1:9/i.png,q5,r5,1,x\n"
+        "../a.png,q6,r6,1,x\n"
     )
+    image.save(tmp_path.parent / "a.png")  # beside the file's folder, so outside it
     cols = parse_columns("image=img,question=prompt,response=answer,label=is_unsafe,category=cls")
     data = load_labelled(tmp_path / "f.csv", "safety", cols)
     assert [i.unsafe for i in data.items] == [True, False]
-    assert [f.row for f in data.failures] == [2, 3, 4]
+    assert [f.row for f in data.failures] == [2, 3, 4, 5]
     assert "missing.png" in data.failures[0].reason
     assert "neither unsafe nor safe" in data.failures[1].reason
-    assert "URL" in data.failures[2].reason
+    # Downloaded as image sources download: a loopback address is refused, never fetched.
+    assert "127.0.0.1" in data.failures[2].reason and "loopback" in data.failures[2].reason
+    assert "outside_root" in data.failures[3].reason  # local files stay in the file's folder
     assert data.has_category
     inverted = load_labelled(tmp_path / "f.csv", "safety", {**cols, "label": "!is_unsafe"})
     assert [i.unsafe for i in inverted.items] == [False, True]  # `!`: a "safe is true" column

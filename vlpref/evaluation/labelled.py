@@ -3,9 +3,10 @@
 Logical columns (`--columns logical=file_column,...`; a logical name not mapped is looked up as a
 column of that very name):
 
-- `image`: a local path (relative to the labelled file's folder), a `data:` URI, raw bytes, or a
-  Hugging Face image struct `{"bytes": ..., "path": ...}`. URLs are not downloaded (download the
-  images first and point the column at the files): such a row is a counted failure.
+- `image`: a local path (relative to the labelled file's folder, and inside it: symlinks
+  resolved, regular files only, as image sources read them), an http(s) URL (downloaded as a
+  manifest source downloads: public addresses only, redirects checked, bytes capped), a `data:`
+  URI, raw bytes, or a Hugging Face image struct `{"bytes": ..., "path": ...}`.
 - `question`: the user's question; `category`: a taxonomy category (optional, per-category metrics).
 - safety: `response` and `label` (unsafe: 1, true, yes, unsafe, harmful, toxic; safe: 0, false,
   no, safe, harmless, benign; case-insensitive; booleans and 0/1 numbers too). `label=!is_safe`
@@ -22,6 +23,7 @@ failure with its reason; a file or column that cannot be used is a `DataError` n
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -34,7 +36,9 @@ from typing import Any, Literal
 import pandas as pd
 
 from vlpref.errors import DataError
-from vlpref.images.normalize import NormalizedImage, normalize_bytes
+from vlpref.images.normalize import ImageRejected, NormalizedImage, normalize_bytes
+from vlpref.images.sources import LocalRoot, fetch_url, make_client, read_local
+from vlpref.images.urls import safe_url
 
 Kind = Literal["safety", "pairwise", "rating"]
 ASPECTS = ("harmlessness", "helpfulness", "faithfulness")
@@ -136,7 +140,14 @@ def read_table(path: Path) -> pd.DataFrame:
     raise DataError(f"{path}: unknown format {suffix!r} (Parquet, JSONL, JSON, CSV or TSV)")
 
 
-def load_labelled(path: Path, kind: Kind, columns: Mapping[str, str] | None = None) -> Labelled:
+def load_labelled(
+    path: Path,
+    kind: Kind,
+    columns: Mapping[str, str] | None = None,
+    *,
+    max_bytes: int = 50_000_000,
+    download_timeout_s: float = 30.0,
+) -> Labelled:
     frame = read_table(path)
     mapping = dict(columns or {})
     invert = mapping.get("label", "").startswith("!")
@@ -170,11 +181,22 @@ def load_labelled(path: Path, kind: Kind, columns: Mapping[str, str] | None = No
         cols.update(found)
     items: list[LabelledItem] = []
     failures: list[RowFailure] = []
-    base = path.parent
-    for i, raw in enumerate(frame.to_dict("records")):
-        record = {str(k): v for k, v in raw.items()}
+    records = [{str(k): v for k, v in raw.items()} for raw in frame.to_dict("records")]
+    image_col = cols["image"] or "image"
+    urls = sorted(
+        {
+            v.strip()
+            for r in records
+            if isinstance(v := r.get(image_col), str)
+            and v.strip().startswith(("http://", "https://"))
+        }
+    )
+    images = _Images(
+        LocalRoot.of(path.parent), max_bytes, _download(urls, max_bytes, download_timeout_s)
+    )
+    for i, record in enumerate(records):
         try:
-            item = _item(i, record, cols, kind, aspects, base)
+            item = _item(i, record, cols, kind, aspects, images)
             if invert and item.unsafe is not None:
                 item = dataclasses.replace(item, unsafe=not item.unsafe)
             items.append(item)
@@ -223,7 +245,40 @@ def _score(value: Any, col: str) -> float:
     return score
 
 
-def _image_bytes(value: Any, col: str, base: Path) -> bytes:
+@dataclass(frozen=True)
+class _Images:
+    root: LocalRoot
+    max_bytes: int
+    downloaded: dict[str, bytes | str]  # URL -> bytes, or why not
+
+
+def _download(urls: Sequence[str], max_bytes: int, timeout_s: float) -> dict[str, bytes | str]:
+    """Each URL's bytes or the reason it could not be had (public addresses only)."""
+    if not urls:
+        return {}
+
+    async def run() -> dict[str, bytes | str]:
+        out: dict[str, bytes | str] = {}
+        async with make_client(timeout_s=timeout_s, concurrency=8) as client:
+            gate = asyncio.Semaphore(8)
+
+            async def one(url: str) -> None:
+                async with gate:
+                    try:
+                        fetched = await fetch_url(
+                            client, url, max_bytes=max_bytes, timeout_s=timeout_s
+                        )
+                        out[url] = fetched.data
+                    except ImageRejected as exc:
+                        out[url] = f"{exc.kind}: {exc.reason}"
+
+            await asyncio.gather(*(one(u) for u in urls))
+        return out
+
+    return asyncio.run(run())
+
+
+def _image_bytes(value: Any, col: str, images: _Images) -> bytes:
     if isinstance(value, Mapping):
         data = value.get("bytes")
         if data:
@@ -241,12 +296,15 @@ def _image_bytes(value: Any, col: str, base: Path) -> bytes:
         except ValueError:
             raise _Bad(f"image ({col}) is a data URI that is not base64") from None
     if text.startswith(("http://", "https://")):
-        raise _Bad(f"image ({col}) is a URL: download the images and map the column to the files")
-    file = Path(text) if Path(text).is_absolute() else base / text
+        got = images.downloaded.get(text, "not downloaded")
+        if isinstance(got, str):
+            raise _Bad(f"image ({col}) {safe_url(text)}: {got}")
+        return got
+    file = Path(text) if Path(text).is_absolute() else images.root.path / text
     try:
-        return file.read_bytes()
-    except OSError as exc:
-        raise _Bad(f"image ({col}) {text}: {exc.strerror or exc}") from None
+        return read_local(file, images.max_bytes, root=images.root)
+    except ImageRejected as exc:
+        raise _Bad(f"image ({col}) {exc.kind}: {exc.reason}") from None
 
 
 def _item(
@@ -255,11 +313,11 @@ def _item(
     cols: Mapping[str, str | None],
     kind: Kind,
     aspects: Sequence[str],
-    base: Path,
+    images: _Images,
 ) -> LabelledItem:
     image_col = cols["image"] or "image"
     try:
-        image = normalize_bytes(_image_bytes(record.get(image_col), image_col, base))
+        image = normalize_bytes(_image_bytes(record.get(image_col), image_col, images))
     except DataError as exc:
         raise _Bad(f"image ({image_col}): {exc}") from None
     question = _text(record, cols["question"], "question")
