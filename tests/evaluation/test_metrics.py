@@ -146,3 +146,30 @@ def test_loader_maps_columns_and_counts_bad_rows(tmp_path: Path) -> None:
         load_labelled(tmp_path / "f.csv", "safety", {**cols, "label": "nope"})
     with pytest.raises(DataError, match="unknown column"):
         parse_columns("picture=img")
+
+
+def test_loader_reads_parquet_with_image_structs(tmp_path: Path) -> None:
+    import io
+
+    import pandas as pd
+
+    image = Image.new("RGB", (64, 64), (10, 200, 10))
+    image.paste((200, 10, 10), (0, 0, 20, 20))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    png = buffer.getvalue()
+    frame = pd.DataFrame(
+        {
+            "image": [{"bytes": png, "path": None}, {"bytes": png, "path": None}, None],
+            "question": ["q1", "q2", "q3"],
+            "a": ["x", "y", "z"],
+            "b": ["u", "v", "w"],
+            "safer": [0, 1, 0],  # PKU-style index of the preferred response
+        }
+    )
+    frame.to_parquet(tmp_path / "p.parquet")
+    cols = parse_columns("response_a=a,response_b=b,preferred=safer")
+    data = load_labelled(tmp_path / "p.parquet", "pairwise", cols)
+    assert [i.preferred for i in data.items] == ["a", "b"]
+    assert data.items[0].image.image_id == data.items[1].image.image_id
+    assert [f.row for f in data.failures] == [2] and "empty" in data.failures[0].reason
