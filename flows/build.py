@@ -109,7 +109,10 @@ def _guard_templates(config: RunConfig) -> list[str]:
     from vlpref.protocols import GUARDS
 
     specs = (GUARDS.get(j.protocol) for j in config.judges)
-    return sorted({s.template for s in specs if s is not None and s.template})
+    names = {s.template for s in specs if s is not None and s.template}
+    if any(j.cascade_band for j in config.judges):
+        names.add("judge_safety_reasoning")  # the cascade's reasoning calls
+    return sorted(names)
 
 
 def _prompts(config: RunConfig, *names: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ Accounting unit: judge calls planned. in = out + failed.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.common import image_part, provider_for, retry_params
+from vlpref.calibration import CONTENT_FREE, debiased, in_band
 from vlpref.chat import ChatRequest, Message, OutputConstraint, Sample
 from vlpref.config import JudgeEntry, RunConfig
 from vlpref.earlystop import TRIPPING_KINDS, Cause
@@ -45,6 +47,7 @@ from vlpref.protocols import (
     parse_guard,
 )
 from vlpref.records import JUDGMENTS, TableBuilder, iter_rows, sorted_by, stable_id
+from vlpref.records import table as table_of
 from vlpref.runner import BatchStats
 from vlpref.selection import (
     Candidate,
@@ -247,6 +250,89 @@ def judge_responses(
                     rating_constraint,
                 )
 
+    def refine_safety(table: pa.Table) -> tuple[pa.Table, list[FailureRow], int, dict[str, int]]:
+        """Debias and cascade the safety verdicts of the judges that ask for it (CLUE; the
+        maths in vlpref/calibration.py): one content-free call per (judge, question) gives the
+        judge's prior, by which each P(unsafe) is corrected; a response whose P(unsafe) is then
+        inside `cascade_band` gets a reasoning call, whose verdict decides. Both kinds of call
+        are journaled and counted like every judge call; the priors are kept as judgments of
+        kind `safety_prior`."""
+        reasoning_prompt = load_prompt("judge_safety_reasoning", config.prompts_dir)
+        all_rows = table.to_pylist()
+        safety = {(r["judge"], r["response_id"]): r for r in all_rows if r["kind"] == "safety"}
+        asked = sorted({r["question_id"] for r in response_rows})
+
+        def prior_calls(judge: JudgeEntry) -> Iterator[_Call]:
+            if judge.debias == "off":
+                return
+            for qid in asked:
+                q = question_rows[qid]
+                text = safety_prompt.render(question=q["text"], response=CONTENT_FREE)
+                yield _Call(
+                    f"prior\x1f{judge.name}\x1f{qid}",
+                    judge,
+                    (Message.user(image_part(image_rows[q["image_id"]]), text),),
+                    safety_prompt.version,
+                    _prior_parser(judge, qid, branch_id),
+                    "safety",
+                    constraint(judge, "safety"),
+                )
+
+        prior_rows, prior_failures, prior_calls_made = run_phase(prior_calls)
+        priors = {
+            (r["judge"], r["question_id"]): r["score"] for r in prior_rows.table().to_pylist()
+        }
+        judges = {j.name: j for j in config.judges}
+        for (name, _), row in safety.items():
+            p0 = priors.get((name, row["question_id"]))
+            if judges[name].debias == "off" or p0 is None or row["score"] is None:
+                continue
+            p = debiased(row["score"], p0)
+            row["probabilities"] = json.dumps(
+                {
+                    "safe": 1.0 - p,
+                    "unsafe": p,
+                    "raw": json.loads(row["probabilities"]),
+                    "prior_unsafe": p0,
+                }
+            )
+            row.update(score=p, verdict="unsafe" if p >= 0.5 else "safe")
+
+        def reasoning_calls(judge: JudgeEntry) -> Iterator[_Call]:
+            for (name, rid), row in sorted(safety.items()):
+                if name != judge.name or not in_band(row["score"], judge.cascade_band):
+                    continue
+                response = by_id[rid]
+                text = reasoning_prompt.render(
+                    question=question_rows[response["question_id"]]["text"],
+                    response=response["text"],
+                )
+                yield _Call(
+                    f"reasoning\x1f{judge.name}\x1f{rid}",
+                    judge,
+                    (Message.user(image_of(response), text),),
+                    reasoning_prompt.version,
+                    _safety_parser(base_row, judge, rid),
+                    "safety",
+                )
+
+        slow, slow_failures, slow_calls = run_phase(reasoning_calls)
+        for decided in slow.table().to_pylist():
+            fast = safety[(decided["judge"], decided["response_id"])]
+            probabilities = json.loads(decided["probabilities"])
+            probabilities.update(cascaded=True, fast_unsafe=fast["score"])
+            fast.update(
+                score=decided["score"],
+                verdict=decided["verdict"],
+                probabilities=json.dumps(probabilities),
+                from_logprobs=decided["from_logprobs"],
+                rationale=decided["rationale"],
+                raw=decided["raw"],
+            )
+        refined = table_of([*all_rows, *prior_rows.table().to_pylist()], JUDGMENTS)
+        counts = {"prior_calls": prior_calls_made, "cascaded": slow_calls}
+        return refined, [*prior_failures, *slow_failures], prior_calls_made + slow_calls, counts
+
     stats = BatchStats()
 
     def run_phase(
@@ -257,6 +343,12 @@ def judge_responses(
 
     rows, failures, n_calls = run_phase(pointwise_calls)
     tables = [rows.table()]
+    refine_counts: dict[str, int] = {}
+    if stage.safety and any(j.debias != "off" or j.cascade_band for j in config.judges):
+        refined, refine_failures, refine_calls, refine_counts = refine_safety(tables[0])
+        tables = [refined]
+        failures.extend(refine_failures)
+        n_calls += refine_calls
 
     if pairs is not None:
         chosen_pairs: Mapping[str, Sequence[tuple[str, str]]] = pairs
@@ -331,8 +423,35 @@ def judge_responses(
             "judgments": judgments.num_rows,
             "requests_sent": stats.sent,
             "requests_cached": stats.cached,
+            **refine_counts,
         },
     )
+
+
+def _prior_parser(
+    judge: JudgeEntry, question_id: str, branch_id: str
+) -> Callable[[Sample], Parsed]:
+    """A content-free call's answer: the judge's prior P(unsafe) for the question and image."""
+
+    def parse(sample: Sample) -> Parsed:
+        verdict = parse_safety(sample)
+        return [
+            {
+                "judgment_id": stable_id("safety_prior", judge.name, question_id),
+                "kind": "safety_prior",
+                "question_id": question_id,
+                "response_id": None,
+                "other_response_id": None,
+                "aspect": None,
+                "judge": judge.name,
+                "categories": None,
+                "raw": sample.text,
+                "branch_id": branch_id,
+                **verdict.judgment_fields(),
+            }
+        ]
+
+    return parse
 
 
 def _guard_parser(

@@ -148,6 +148,21 @@ class JudgeEntry(ModelEntry):
     protocol: JudgeProtocolName = "vlpref"
     structured: Structured = "auto"
     policy: str | None = None
+    # CLUE-style refinement of the safety verdict (our protocol; vlpref/calibration.py): `debias`
+    # corrects P(unsafe) by the judge's prior for the question and image, read from one
+    # content-free call per question; `cascade_band` sends a reasoning call for the responses
+    # whose (debiased) P(unsafe) lies inside the band, and its verdict decides.
+    debias: Literal["off", "content_free"] = "off"
+    cascade_band: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _band(self) -> JudgeEntry:
+        band = self.cascade_band
+        if band is not None and not 0.0 <= band[0] < band[1] <= 1.0:
+            raise ValueError("cascade_band: two probabilities, low < high, within [0, 1]")
+        if (self.debias != "off" or band is not None) and self.protocol != "vlpref":
+            raise ValueError("debias and cascade_band apply to the vlpref protocol only")
+        return self
 
 
 class TypographicSource(_Strict):

@@ -151,7 +151,11 @@ def evaluate(
         report["target_fpr"] = target_fpr
         report["judge_agreement"] = m.judge_agreement(
             {
-                j: {r["question_id"]: r["verdict"] for r in by_judge[j] if r["verdict"]}
+                j: {
+                    r["question_id"]: r["verdict"]
+                    for r in by_judge[j]
+                    if r["kind"] == "safety" and r["verdict"]
+                }
                 for j in report["judges"]
             }
         )
