@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -31,17 +30,12 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real `prefect server start` (SQLite, loopback) for the whole test session; every flow
     run in the session goes to it. Cheaper than an ephemeral server per process (7-18 s each) and
     the same thing a scheduled deployment talks to."""
-    from vlpref.prefect_server import PrefectServer
+    from vlpref.prefect_server import PrefectServer, api_url_in_environment
 
     home = tmp_path_factory.mktemp("prefect-home")
-    with PrefectServer(home) as server, server.as_current():
-        # Also for child processes (Dask workers, served flow runs) this session starts.
-        previous = os.environ.get("PREFECT_API_URL")
-        os.environ["PREFECT_API_URL"] = server.api_url
-        try:
-            yield server.api_url
-        finally:
-            if previous is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = previous
+    with (
+        PrefectServer(home) as server,
+        server.as_current(),
+        api_url_in_environment(server.api_url),  # for the child processes the session starts
+    ):
+        yield server.api_url

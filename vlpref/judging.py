@@ -466,7 +466,7 @@ def _strip_marks(token: str) -> str:
     return re.sub(r"^[\W_]+|[\W_]+$", "", token.translate(_BPE_MARKS))
 
 
-def _word_classifier(options: Sequence[str]) -> Classifier:
+def word_classifier(options: Sequence[str]) -> Classifier:
     """Token -> option: equal to it, or a non-empty prefix of exactly one option (case-folded)."""
     folded = {o.casefold(): o for o in options}
 
@@ -482,8 +482,8 @@ def _word_classifier(options: Sequence[str]) -> Classifier:
     return classify
 
 
-_SAFETY_CLASSIFIER = _word_classifier(SAFETY_OPTIONS)
-_PAIRWISE_CLASSIFIER = _word_classifier(PAIRWISE_OPTIONS)
+_SAFETY_CLASSIFIER = word_classifier(SAFETY_OPTIONS)
+_PAIRWISE_CLASSIFIER = word_classifier(PAIRWISE_OPTIONS)
 
 
 def _classify_digit(token: str) -> str | None:

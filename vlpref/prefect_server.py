@@ -173,13 +173,20 @@ def prefect_api(log: Callable[[str], None] | None = None) -> Iterator[str]:
     server = PrefectServer(settings.home, services=False)
     if log is not None:
         log(f"starting a temporary Prefect server on {server.api_url} (PREFECT_API_URL is not set)")
+    with server, server.as_current(), api_url_in_environment(server.api_url):
+        yield server.api_url
+
+
+@contextlib.contextmanager
+def api_url_in_environment(url: str) -> Iterator[None]:
+    """PREFECT_API_URL set to `url` for as long as the block runs, for child processes too (Dask
+    workers, served flow runs), then put back as it was."""
     previous = os.environ.get("PREFECT_API_URL")
-    with server, server.as_current():
-        os.environ["PREFECT_API_URL"] = server.api_url  # for worker processes too (Dask)
-        try:
-            yield server.api_url
-        finally:
-            if previous is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = previous
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous

@@ -35,7 +35,7 @@ from typing import Final, Literal
 
 from vlpref.chat import ImagePart, Message, OutputConstraint, Sample, TextPart
 from vlpref.errors import JudgeParseError
-from vlpref.judging import SafetyVerdict, option_distribution, token_at
+from vlpref.judging import SafetyVerdict, option_distribution, token_at, word_classifier
 
 CallKind = Literal["safety", "rating", "pairwise", "questions"]
 RATIONALE_CHARS: Final = 600  # a constrained rationale's maxLength: a grammar bounds rambling
@@ -291,17 +291,7 @@ def _guard_distribution(
     index = token_at(sample.text, (t.token for t in sample.logprobs), offset)
     if index is None:
         return None
-    folded = {o.casefold(): o for o in options}
-
-    def classify(token: str) -> str | None:
-        key = re.sub(r"[^A-Za-z]", "", token).casefold()
-        if not key:
-            return None
-        if key in folded:
-            return folded[key]
-        starts = [o for f, o in folded.items() if f.startswith(key)]
-        return starts[0] if len(starts) == 1 else None
-
+    classify = word_classifier(options)
     entry = sample.logprobs[index]
     if classify(entry.token) != chosen:
         return None  # not the verdict's token (a tokeniser that split it oddly): read the text
