@@ -6,7 +6,7 @@ own retries are off; ours (tenacity) honour `Retry-After`, back off with jitter,
 `Failure` value rather than an exception. A fixed pool of `concurrency` workers pulls requests
 from the batch, so memory does not grow with the batch size.
 
-The hot path is shaped by profiles (see bench/ and the README's "Client throughput"): the body is
+The hot path is shaped by profiles (see bench/ and docs/performance.md): the body is
 serialised once per request and sent with `AsyncOpenAI.post(..., cast_to=httpx2.Response)`, which
 skips the SDK's per-request walk over its TypedDict annotations and its pydantic parsing (we read
 the raw bytes anyway); the first attempt runs outside tenacity, which only takes over once an
