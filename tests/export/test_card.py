@@ -56,20 +56,21 @@ def test_the_hub_card_parser_accepts_the_published_card(version: Version) -> Non
     card = DatasetCard.load(readme)
     # Validated field by field: a size category or metadata the hub rejects raises here.
     data = DatasetCardData(**front_matter(readme.read_text()), ignore_metadata_errors=False)
+    meta: dict[str, Any] = data.to_dict()  # type: ignore[no-untyped-call]  # extra keys kept
     assert data.license == card.data.license == "cc-by-4.0"
     assert data.size_categories == ["n<1K"]
     assert data.task_categories == ["visual-question-answering", "image-text-to-text"]
-    assert {"safety", "preference", "dpo"} <= set(data.tags)
+    assert {"safety", "preference", "dpo"} <= set(meta["tags"])
     assert data.language == ["en"]
-    features = {f["name"]: f["dtype"] for f in data.dataset_info["features"]}
+    features = {f["name"]: f["dtype"] for f in meta["dataset_info"]["features"]}
     assert features["image"] == "image"
     assert features["question"] == features["chosen"] == "string"
     assert features["margin"] == "float64" and features["consistent"] == "bool"
-    (config,) = data.configs
+    (config,) = meta["configs"]
     assert {f["split"]: f["path"] for f in config["data_files"]} == {
         s: f"data/{s}/*.parquet" for s in version.splits
     }
-    splits = {s["name"]: s["num_examples"] for s in data.dataset_info["splits"]}
+    splits = {s["name"]: s["num_examples"] for s in meta["dataset_info"]["splits"]}
     assert splits == {s: c["rows"] for s, c in version.manifest["splits"].items()}
 
 
