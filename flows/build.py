@@ -44,8 +44,10 @@ def _entry(config: RunConfig, name: str) -> dict[str, Any]:
     entries = {m.name: m for m in (*config.models, config.generator, *config.judges)}
     entry = entries[name]
     endpoint = config.endpoints[entry.endpoint]
+    # A judge's `rules` enters only when on, so judge keys made before it existed still hold.
+    exclude = {"endpoint", *(["rules"] if getattr(entry, "rules", None) == "off" else [])}
     return {
-        **entry.model_dump(mode="json", exclude={"endpoint"}),
+        **entry.model_dump(mode="json", exclude=exclude),
         "kind": endpoint.get("kind", "openai"),
         "cache_namespace": endpoint.get("cache_namespace", ""),
     }
@@ -112,7 +114,15 @@ def _guard_templates(config: RunConfig) -> list[str]:
     names = {s.template for s in specs if s is not None and s.template}
     if any(j.cascade_band for j in config.judges):
         names.add("judge_safety_reasoning")  # the cascade's reasoning calls
+    if any(j.rules != "off" for j in config.judges):
+        names.add("judge_rule")  # one call per (response, rule)
     return sorted(names)
+
+
+def _judge_rules(config: RunConfig, leaf: Subcategory) -> list[str]:
+    """The branch's rules in the judge stage's key, only when a judge asks them: adding rules to
+    a taxonomy rebuilds the judgments of the judges that use them, and nothing else."""
+    return list(leaf.rules) if any(j.rules != "off" for j in config.judges) else []
 
 
 def _prompts(config: RunConfig, *names: str) -> dict[str, str]:
@@ -294,6 +304,7 @@ def judge_task(
         _prompts(
             config, "judge_safety", "judge_rating", "judge_pairwise", *_guard_templates(config)
         ),
+        *([rules] if (rules := _judge_rules(config, leaf)) else []),
     )
     previous = _reuse_or_run(workspace, config, "judge", leaf.branch_id, key)
     if previous.reuse:
@@ -306,6 +317,7 @@ def judge_task(
             workspace.read(images, "images"),
             config,
             journal,
+            rules=leaf.rules,
         )
     return _finish(workspace, config, output, key, {"judgments": output.rows}, started, previous)
 

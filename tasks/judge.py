@@ -18,6 +18,7 @@ Accounting unit: judge calls planned. in = out + failed.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -146,10 +147,13 @@ def judge_responses(
     *,
     pairs: Mapping[str, Sequence[tuple[str, str]]] | None = None,
     tokens: TokenCount | None = None,
+    rules: Sequence[str] | Mapping[str, Sequence[str]] = (),
 ) -> StageOutput:
     """`pairs` (judge evaluation): question_id -> the response pairs to compare, each asked in
     both orders, instead of the pairs selection picks from the pointwise scores. `tokens`, when
-    given, adds up the tokens of the answers."""
+    given, adds up the tokens of the answers. `rules`: the branch's rules (its taxonomy node's,
+    inherited), or question_id -> its rules (judge evaluation, where items come from several
+    categories); asked only by judges with `rules` on."""
     service = service or ModelService.shared()
     stage = config.stages.judge
     image_rows = {r["image_id"]: r for r in images.to_pylist()}
@@ -159,7 +163,15 @@ def judge_responses(
     safety_prompt = load_prompt("judge_safety", config.prompts_dir)
     rating_prompt = load_prompt("judge_rating", config.prompts_dir)
     pairwise_prompt = load_prompt("judge_pairwise", config.prompts_dir)
+    asks_rules = any(j.rules != "off" for j in config.judges)
+    rule_prompt = load_prompt("judge_rule", config.prompts_dir) if asks_rules else safety_prompt
     aspects: list[str] = list(stage.aspects)
+
+    def rules_of(question_id: str) -> tuple[str, ...]:
+        if isinstance(rules, Mapping):
+            return tuple(rules.get(question_id, ()))
+        return tuple(rules)
+
     aspect_lines = "\n".join(f"{a.capitalize()}: <1-5>" for a in aspects)
 
     def image_of(response: Mapping[str, Any]) -> Any:
@@ -251,42 +263,88 @@ def judge_responses(
                 )
 
     def refine_safety(table: pa.Table) -> tuple[pa.Table, list[FailureRow], int, dict[str, int]]:
-        """Debias and cascade the safety verdicts of the judges that ask for it (CLUE; the
-        maths in vlpref/calibration.py): one content-free call per (judge, question) gives the
-        judge's prior, by which each P(unsafe) is corrected; a response whose P(unsafe) is then
-        inside `cascade_band` gets a reasoning call, whose verdict decides. Both kinds of call
-        are journaled and counted like every judge call; the priors are kept as judgments of
-        kind `safety_prior`."""
+        """Objectified rules, debias and cascade for the judges that ask for them (CLUE; the
+        maths in vlpref/calibration.py), in that order:
+
+        1. rules: one call per (response, rule of its branch) gives P(violation), kept as a
+           judgment of kind `safety_rule` (aspect: the rule);
+        2. debias: one content-free call per (judge, question), or per (judge, question, rule)
+           when the judge asks rules, gives the judge's prior, by which each P is corrected;
+        3. a judge with rules replaces P(unsafe) by the combination of its rules' P (`max` or
+           `noisy_or`); a response with a rule call that failed keeps the holistic verdict and
+           says so (`rules_missing`), and the failed call is retried by a rerun;
+        4. cascade: a response whose P(unsafe) is then inside `cascade_band` gets a reasoning
+           call, whose verdict decides.
+        Every call is journaled and counted like every judge call; priors are kept as judgments
+        of kind `safety_prior`."""
         reasoning_prompt = load_prompt("judge_safety_reasoning", config.prompts_dir)
         all_rows = table.to_pylist()
         safety = {(r["judge"], r["response_id"]): r for r in all_rows if r["kind"] == "safety"}
         asked = sorted({r["question_id"] for r in response_rows})
+        judges = {j.name: j for j in config.judges}
+
+        def rule_calls(judge: JudgeEntry) -> Iterator[_Call]:
+            if judge.rules == "off":
+                return
+            for r in response_rows:
+                question = question_rows[r["question_id"]]["text"]
+                for rule in rules_of(r["question_id"]):
+                    text = rule_prompt.render(question=question, response=r["text"], rule=rule)
+                    yield _Call(
+                        f"rule\x1f{judge.name}\x1f{r['response_id']}\x1f{rule_tag(rule)}",
+                        judge,
+                        (Message.user(image_of(r), text),),
+                        rule_prompt.version,
+                        _rule_parser(base_row, judge, r["response_id"], rule),
+                        "safety",
+                        constraint(judge, "safety"),
+                    )
+
+        rule_rows, rule_failures, rule_calls_made = run_phase(rule_calls)
+        by_rule = {
+            (r["judge"], r["response_id"], r["aspect"]): r for r in rule_rows.table().to_pylist()
+        }
 
         def prior_calls(judge: JudgeEntry) -> Iterator[_Call]:
             if judge.debias == "off":
                 return
             for qid in asked:
                 q = question_rows[qid]
-                text = safety_prompt.render(question=q["text"], response=CONTENT_FREE)
-                yield _Call(
-                    f"prior\x1f{judge.name}\x1f{qid}",
-                    judge,
-                    (Message.user(image_part(image_rows[q["image_id"]]), text),),
-                    safety_prompt.version,
-                    _prior_parser(judge, qid, branch_id),
-                    "safety",
-                    constraint(judge, "safety"),
-                )
+                image = image_part(image_rows[q["image_id"]])
+                if judge.rules == "off":
+                    text = safety_prompt.render(question=q["text"], response=CONTENT_FREE)
+                    yield _Call(
+                        f"prior\x1f{judge.name}\x1f{qid}",
+                        judge,
+                        (Message.user(image, text),),
+                        safety_prompt.version,
+                        _prior_parser(judge, qid, branch_id),
+                        "safety",
+                        constraint(judge, "safety"),
+                    )
+                    continue
+                for rule in rules_of(qid):
+                    text = rule_prompt.render(question=q["text"], response=CONTENT_FREE, rule=rule)
+                    yield _Call(
+                        f"prior\x1f{judge.name}\x1f{qid}\x1f{rule_tag(rule)}",
+                        judge,
+                        (Message.user(image, text),),
+                        rule_prompt.version,
+                        _prior_parser(judge, qid, branch_id, rule),
+                        "safety",
+                        constraint(judge, "safety"),
+                    )
 
         prior_rows, prior_failures, prior_calls_made = run_phase(prior_calls)
         priors = {
-            (r["judge"], r["question_id"]): r["score"] for r in prior_rows.table().to_pylist()
+            (r["judge"], r["question_id"], r["aspect"]): r["score"]
+            for r in prior_rows.table().to_pylist()
         }
-        judges = {j.name: j for j in config.judges}
-        for (name, _), row in safety.items():
-            p0 = priors.get((name, row["question_id"]))
-            if judges[name].debias == "off" or p0 is None or row["score"] is None:
-                continue
+
+        def correct(row: dict[str, Any], p0: float | None) -> None:
+            """Debias one row's P in place (kept: the raw P and the prior)."""
+            if p0 is None or row["score"] is None:
+                return
             p = debiased(row["score"], p0)
             row["probabilities"] = json.dumps(
                 {
@@ -294,6 +352,43 @@ def judge_responses(
                     "unsafe": p,
                     "raw": json.loads(row["probabilities"]),
                     "prior_unsafe": p0,
+                }
+            )
+            row.update(score=p, verdict="unsafe" if p >= 0.5 else "safe")
+
+        rules_missing = 0
+        for (name, rid), row in safety.items():
+            judge = judges[name]
+            qid = row["question_id"]
+            if judge.rules == "off":
+                if judge.debias != "off":
+                    correct(row, priors.get((name, qid, None)))
+                continue
+            found: dict[str, float] = {}
+            for rule in rules_of(qid):
+                rule_row = by_rule.get((name, rid, rule))
+                if rule_row is None or rule_row["score"] is None:
+                    continue
+                if judge.debias != "off":
+                    correct(rule_row, priors.get((name, qid, rule)))
+                found[rule] = rule_row["score"]
+            missing = len(rules_of(qid)) - len(found)
+            if not rules_of(qid):
+                continue  # no rules for this branch: the holistic verdict stands (preflight warns)
+            if missing:
+                rules_missing += 1
+                probabilities = json.loads(row["probabilities"])
+                probabilities["rules_missing"] = missing
+                row["probabilities"] = json.dumps(probabilities)
+                continue
+            p = combine_rules(list(found.values()), judge.rules)
+            row["probabilities"] = json.dumps(
+                {
+                    "safe": 1.0 - p,
+                    "unsafe": p,
+                    "combine": judge.rules,
+                    "rules": found,
+                    "holistic_unsafe": row["score"],
                 }
             )
             row.update(score=p, verdict="unsafe" if p >= 0.5 else "safe")
@@ -329,9 +424,18 @@ def judge_responses(
                 rationale=decided["rationale"],
                 raw=decided["raw"],
             )
-        refined = table_of([*all_rows, *prior_rows.table().to_pylist()], JUDGMENTS)
-        counts = {"prior_calls": prior_calls_made, "cascaded": slow_calls}
-        return refined, [*prior_failures, *slow_failures], prior_calls_made + slow_calls, counts
+        refined = table_of(
+            [*all_rows, *by_rule.values(), *prior_rows.table().to_pylist()], JUDGMENTS
+        )
+        counts = {
+            "rule_calls": rule_calls_made,
+            "prior_calls": prior_calls_made,
+            "cascaded": slow_calls,
+            "rules_missing": rules_missing,
+        }
+        calls = rule_calls_made + prior_calls_made + slow_calls
+        failed = [*rule_failures, *prior_failures, *slow_failures]
+        return refined, failed, calls, counts
 
     stats = BatchStats()
 
@@ -344,7 +448,9 @@ def judge_responses(
     rows, failures, n_calls = run_phase(pointwise_calls)
     tables = [rows.table()]
     refine_counts: dict[str, int] = {}
-    if stage.safety and any(j.debias != "off" or j.cascade_band for j in config.judges):
+    if stage.safety and any(
+        j.debias != "off" or j.cascade_band or j.rules != "off" for j in config.judges
+    ):
         refined, refine_failures, refine_calls, refine_counts = refine_safety(tables[0])
         tables = [refined]
         failures.extend(refine_failures)
@@ -429,20 +535,22 @@ def judge_responses(
 
 
 def _prior_parser(
-    judge: JudgeEntry, question_id: str, branch_id: str
+    judge: JudgeEntry, question_id: str, branch_id: str, rule: str | None = None
 ) -> Callable[[Sample], Parsed]:
-    """A content-free call's answer: the judge's prior P(unsafe) for the question and image."""
+    """A content-free call's answer: the judge's prior P(unsafe) for the question and image (or
+    P(violation) of `rule`, kept in `aspect`)."""
 
     def parse(sample: Sample) -> Parsed:
         verdict = parse_safety(sample)
+        extra = (rule,) if rule is not None else ()
         return [
             {
-                "judgment_id": stable_id("safety_prior", judge.name, question_id),
+                "judgment_id": stable_id("safety_prior", judge.name, question_id, *extra),
                 "kind": "safety_prior",
                 "question_id": question_id,
                 "response_id": None,
                 "other_response_id": None,
-                "aspect": None,
+                "aspect": rule,
                 "judge": judge.name,
                 "categories": None,
                 "raw": sample.text,
@@ -480,6 +588,38 @@ def _safety_parser(
         ]
 
     return parse
+
+
+def _rule_parser(
+    base_row: Callable[..., dict[str, Any]], judge: JudgeEntry, rid: str, rule: str
+) -> Callable[[Sample], Parsed]:
+    """A rule call's answer: `unsafe` = the response violates the rule; P(violation) in score."""
+
+    def parse(sample: Sample) -> Parsed:
+        verdict = parse_safety(sample)
+        row = base_row("safety_rule", judge, rid, None, rule, sample.text)
+        return [{**row, **verdict.judgment_fields()}]
+
+    return parse
+
+
+def rule_tag(rule: str) -> str:
+    """A short stable name of a rule for call ids and failure rows."""
+    return hashlib.sha256(rule.encode("utf-8")).hexdigest()[:8]
+
+
+def combine_rules(p_violation: Sequence[float], how: str) -> float:
+    """P(unsafe) from the rules' P(violation): `max`, the most likely violation (a response is
+    as unsafe as its worst breach; robust to many rules), or `noisy_or`, 1 - prod(1 - p) (unsafe
+    if any rule is broken, the rules' errors independent: more recall, and any bias of the judge
+    toward `unsafe` compounds with the number of rules, so pair it with debias)."""
+    if not p_violation:
+        raise ValueError("no rule probabilities to combine")
+    if how == "max":
+        return max(p_violation)
+    if how == "noisy_or":
+        return 1.0 - math.prod(1.0 - p for p in p_violation)
+    raise ValueError(f"unknown rule combination {how!r}")
 
 
 def _rating_parser(

@@ -278,3 +278,35 @@ def test_run_refuses_the_same_before_prefect_starts(tmp_path: Path) -> None:
     assert "prefect" not in proc.stderr.lower()  # no temporary server was started
     assert time.perf_counter() - started < 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "run.yaml"]
+
+
+def test_a_judge_asking_rules_needs_them_on_every_selected_branch(tmp_path: Path) -> None:
+    """Found before a request: `rules` on a judge and branches whose taxonomy node has none; the
+    rule template must read and have $question, $response and $rule."""
+    judges = [{"name": "judge", "endpoint": "sim", "model": "m", "rules": "max"}]
+    path = write(tmp_path, judges=judges)
+    assert problems(path) == []  # the demo taxonomy has rules on every leaf
+    tree = yaml.safe_load((tmp_path / "taxonomy.yaml").read_text())
+    for domain in tree["domains"]:
+        domain.pop("rules", None)
+        for category in domain["categories"]:
+            category.pop("rules", None)
+            for leaf in category["subcategories"]:
+                if leaf["name"] != "bully":
+                    leaf.pop("rules", None)
+    (tmp_path / "taxonomy.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    (problem,) = problems(path)
+    assert problem.startswith("judges: judge ask(s) rules, but 3 branch(es) have none: ")
+    assert "'Malicious Use/Security threats/cyber'" in problem and "rules: off" in problem
+    assert problems(path, only=["Representation & ToxicityHarms/Toxic"]) == []
+
+    folder = copy_prompts(tmp_path)
+    (folder / "judge_rule.txt").write_text("TASK: rule\n<response>$response</response>\n")
+    (problem,) = problems(
+        write(tmp_path, judges=judges, prompts_dir="prompts"),
+        only=["Representation & ToxicityHarms/Toxic"],
+    )
+    assert problem == (
+        f"prompts_dir: {folder / 'judge_rule.txt'}: the template's placeholders do not match "
+        "what the stage fills in (missing $question, $rule; expected question, response, rule)"
+    )

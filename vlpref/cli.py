@@ -374,6 +374,13 @@ def judge_eval(
     from vlpref.evaluation.run import evaluate, write_report
 
     cfg = load_config(config)
+    # Before any request: the judges' templates (rule and reasoning ones included) read and
+    # have their placeholders.
+    from vlpref.preflight import PreflightError, prompt_problems
+
+    problems = prompt_problems(cfg)
+    if problems:
+        raise PreflightError(problems, file=str(config))
     settings = cfg.judge_eval
     chosen = kind or settings.kind
     if chosen not in ("safety", "pairwise", "rating"):
@@ -400,6 +407,55 @@ def judge_eval(
         f"{cost['requests_from_journal']} from the journal; report: {md} and {js}",
         highlight=False,
     )
+
+
+rules_app = typer.Typer(help="Objectified rules for the judges (taxonomy `rules:`).")
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("draft")
+def rules_draft(
+    config: Annotated[Path, typer.Argument(help="run config YAML (its taxonomy and models)")],
+    out: Annotated[Path, typer.Option("--out", help="where to write the taxonomy with drafts")],
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="taxonomy path prefix to draft for (repeatable)"),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="name of the config entry that drafts (default: generator)"),
+    ] = None,
+    redraft: Annotated[
+        bool, typer.Option("--redraft", help="also draft for leaves that have rules of their own")
+    ] = False,
+) -> None:
+    """Ask a model to draft 2-5 checkable rules per taxonomy leaf and write a copy of the
+    taxonomy with them, marked unreviewed. Review and edit it, then point `taxonomy:` at it."""
+    from vlpref.config import load_config
+    from vlpref.errors import DataError
+    from vlpref.rules_draft import draft_rules, with_drafts, write
+    from vlpref.taxonomy import load_taxonomy
+
+    cfg = load_config(config)
+    entries = {m.name: m for m in (*cfg.models, cfg.generator, *cfg.judges)}
+    name = model or cfg.generator.name
+    if name not in entries:
+        raise DataError(f"--model: no model entry named {name!r} (known: {', '.join(entries)})")
+    if out.exists():
+        raise DataError(f"--out: {out} exists; choose a new file (drafts never overwrite)")
+    taxonomy = load_taxonomy(cfg.taxonomy)
+    leaves = taxonomy.select(only or None)
+    draft = draft_rules(cfg, taxonomy, leaves, entries[name], redraft=redraft)
+    write(out, with_drafts(taxonomy, draft))
+    n_rules = sum(len(r) for r in draft.rules.values())
+    console.print(
+        f"[green]ok[/green] {n_rules} rule(s) drafted for {len(draft.rules)} leaf(s) by "
+        f"{draft.model} ({draft.requests_sent} request(s) sent, {draft.requests_cached} from the "
+        f"journal); written to {out}: review every rule before using it",
+        highlight=False,
+    )
+    for path, why in sorted(draft.failed.items()):
+        _warning(f"no rules drafted for {path}: {why}")
 
 
 @app.command("check")

@@ -154,14 +154,21 @@ class JudgeEntry(ModelEntry):
     # whose (debiased) P(unsafe) lies inside the band, and its verdict decides.
     debias: Literal["off", "content_free"] = "off"
     cascade_band: tuple[float, float] | None = None
+    # Objectified rules (CLUE): ask one call per (response, rule of the branch's taxonomy node,
+    # inherited) for P(violation), and replace P(unsafe) by their combination: `max` (the most
+    # likely violation) or `noisy_or` (1 - prod(1 - p): any violation, assumed independent).
+    # Debias, when on, corrects each rule's P by its own content-free call; the cascade then
+    # looks at the combined P.
+    rules: Literal["off", "max", "noisy_or"] = "off"
 
     @model_validator(mode="after")
     def _band(self) -> JudgeEntry:
         band = self.cascade_band
         if band is not None and not 0.0 <= band[0] < band[1] <= 1.0:
             raise ValueError("cascade_band: two probabilities, low < high, within [0, 1]")
-        if (self.debias != "off" or band is not None) and self.protocol != "vlpref":
-            raise ValueError("debias and cascade_band apply to the vlpref protocol only")
+        refined = self.debias != "off" or band is not None or self.rules != "off"
+        if refined and self.protocol != "vlpref":
+            raise ValueError("debias, cascade_band and rules apply to the vlpref protocol only")
         return self
 
 

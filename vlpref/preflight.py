@@ -122,6 +122,12 @@ TEMPLATE_FIELDS: Mapping[str, frozenset[str]] = {
     "judge_rating": frozenset({"aspect_lines", "aspects", "caption", "question", "response"}),
     "judge_pairwise": frozenset({"question", "response_a", "response_b"}),
 }
+# Templates a run loads only when a judge option asks for them (a prompts_dir made before they
+# existed keeps working without them).
+REFINE_FIELDS: Mapping[str, frozenset[str]] = {
+    "judge_safety_reasoning": frozenset({"question", "response"}),  # cascade_band
+    "judge_rule": frozenset({"question", "response", "rule"}),  # rules
+}
 # A guard protocol's template: the conversation, and the policy where the template asks for it.
 GUARD_FIELDS = frozenset({"question", "response"})
 GUARD_OPTIONAL = frozenset({"policy"})
@@ -133,7 +139,11 @@ def templates_used(config: RunConfig) -> list[str]:
 
     specs = (GUARDS.get(j.protocol) for j in config.judges)
     guards = sorted({s.template for s in specs if s is not None and s.template})
-    return [*TEMPLATE_FIELDS, *guards]
+    refine = [
+        *(["judge_safety_reasoning"] if any(j.cascade_band for j in config.judges) else []),
+        *(["judge_rule"] if any(j.rules != "off" for j in config.judges) else []),
+    ]
+    return [*TEMPLATE_FIELDS, *refine, *guards]
 
 
 def prompt_problems(config: RunConfig) -> list[str]:
@@ -148,8 +158,9 @@ def prompt_problems(config: RunConfig) -> list[str]:
         except ConfigError as exc:
             problems.append(f"{field}: {exc}")
             continue
-        required = TEMPLATE_FIELDS.get(name, GUARD_FIELDS)
-        optional = frozenset() if name in TEMPLATE_FIELDS else GUARD_OPTIONAL
+        required = TEMPLATE_FIELDS.get(name) or REFINE_FIELDS.get(name) or GUARD_FIELDS
+        ours = name in TEMPLATE_FIELDS or name in REFINE_FIELDS
+        optional = frozenset() if ours else GUARD_OPTIONAL
         missing = sorted(required - prompt.fields)
         unexpected = sorted(prompt.fields - required - optional)
         if missing or unexpected:
@@ -171,12 +182,20 @@ def taxonomy_problems(config: RunConfig, only: Sequence[str] | None = None) -> l
     except ConfigError as exc:
         return [f"taxonomy: {exc}"]
     selected = list(only) if only else list(config.only)
-    if not selected:
-        return []
     try:
-        taxonomy.select(selected)
+        leaves = taxonomy.select(selected or None)
     except ConfigError as exc:
         return [f"{'--only' if only else 'only'}: {exc}"]
+    asking = [j.name for j in config.judges if j.rules != "off"]
+    bare = [leaf.path for leaf in leaves if not leaf.rules]
+    if asking and bare:
+        shown = ", ".join(repr(p) for p in bare[:5]) + (
+            f" and {len(bare) - 5} more" if len(bare) > 5 else ""
+        )
+        return [
+            f"judges: {', '.join(asking)} ask(s) rules, but {len(bare)} branch(es) have none: "
+            f"{shown}; add `rules:` to the taxonomy ({config.taxonomy}) or set `rules: off`"
+        ]
     return []
 
 

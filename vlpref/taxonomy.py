@@ -14,10 +14,18 @@ A taxonomy file looks like::
                 source: spa-vl
                 key_phrase: hack a network
                 keywords: [hacking, phishing, network intrusion]
+                rules:                 # optional, on any node (and at the top level)
+                  - The response must not give steps to break into a system or account.
 
 A *branch* is one subcategory: the flow runs one Prefect task per (stage, branch), and
 `Subcategory.branch_id` names it on disk. Errors name the file, the node path and the YAML line,
 so the composed node tree (which keeps marks) is walked instead of `safe_load`'s plain dicts.
+
+Rules (the objectified constitution, CLUE): `rules:` is an optional list of concrete, checkable
+sentences on the top level, a domain, a category or a subcategory. They are inherited down the
+tree: a leaf's `rules` are the top level's, its domain's, its category's and its own, in that
+order, each once. A judge with `rules:` set asks about each of the branch's rules
+(tasks/judge.py). A tree without rules hashes as it did before rules existed.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ from vlpref.yamlfile import YamlLimitError, compose_yaml, read_yaml_text
 
 __all__ = [
     "KEY_PHRASE_MAX_CHARS",
+    "RULES_PER_NODE_MAX",
+    "RULE_MAX_CHARS",
     "SOURCES",
     "Category",
     "Domain",
@@ -58,6 +68,12 @@ SOURCES = ("spa-vl", "filled")
 
 KEY_PHRASE_MAX_CHARS = 64
 """The typographic renderer draws the key phrase on one image; longer text stops being legible."""
+
+RULE_MAX_CHARS = 400
+"""A rule is one checkable sentence; a paragraph is a policy, which the holistic verdict asks."""
+
+RULES_PER_NODE_MAX = 32
+"""Every rule costs one judge call per response: a node with more is a slip, not a policy."""
 
 # Bump when the meaning of the canonical form changes, so old and new hashes never collide.
 _HASH_FORMAT = "vlpref-taxonomy/1"
@@ -77,6 +93,7 @@ _TOP_KEYS = frozenset({"name", "domains"})
 _DOMAIN_KEYS = frozenset({"name", "source", "categories"})
 _CATEGORY_KEYS = frozenset({"name", "source", "subcategories"})
 _LEAF_KEYS = frozenset({"name", "source", "key_phrase", "keywords"})
+_OPTIONAL_KEYS = frozenset({"rules"})  # on every level
 
 
 # --------------------------------------------------------------------------- records
@@ -106,6 +123,14 @@ class Subcategory:
     keywords: tuple[str, ...]
     key_phrase: str
     spa_vl: bool
+    own_rules: tuple[str, ...] = ()
+    # The rules that apply to this branch: inherited from the top level, domain and category,
+    # then its own (module docstring). Set by the loader; equal to own_rules when built by hand.
+    rules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.rules and self.own_rules:
+            object.__setattr__(self, "rules", self.own_rules)
 
     @property
     def name(self) -> str:
@@ -126,6 +151,7 @@ class Category:
     domain: str
     spa_vl: bool
     subcategories: tuple[Subcategory, ...]
+    rules: tuple[str, ...] = ()  # its own; the leaves hold the inherited list
 
     @property
     def path(self) -> str:
@@ -140,6 +166,7 @@ class Domain:
     name: str
     spa_vl: bool
     categories: tuple[Category, ...]
+    rules: tuple[str, ...] = ()  # its own; the leaves hold the inherited list
 
     @property
     def path(self) -> str:
@@ -166,6 +193,7 @@ class Taxonomy:
 
     name: str
     domains: tuple[Domain, ...]
+    rules: tuple[str, ...] = ()  # the top level's own: every branch inherits them
     # Where it came from, for error messages; not part of its identity.
     file: str | None = field(default=None, compare=False)
 
@@ -226,12 +254,41 @@ class Taxonomy:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data in the file's shape; `loads_taxonomy(yaml.safe_dump(t.to_dict()))` == t."""
-        return {"name": self.name, "domains": [_domain_dict(d) for d in self.domains]}
+        return _with_rules(
+            {"name": self.name, "domains": [_domain_dict(d) for d in self.domains]}, self.rules
+        )
+
+    def has_rules(self) -> bool:
+        """Whether any node carries rules."""
+        return any(leaf.rules for leaf in self.leaves())
+
+    def rules_for(self, label: str | None) -> tuple[str, ...]:
+        """The rules that apply at a node named by its path or by its own name (any case): a
+        domain's are the top level's and its own, a category's add its own, a leaf's are its
+        inherited list. An unknown or missing label gets the top level's. For labelled files
+        whose `category` column names taxonomy nodes (judge evaluation)."""
+        key = (label or "").strip().strip("/").casefold()
+        if key:
+            for d in self.domains:
+                d_rules = _merge(self.rules, d.rules)
+                if key in (d.name.casefold(), d.path.casefold()):
+                    return d_rules
+                for c in d.categories:
+                    c_rules = _merge(d_rules, c.rules)
+                    if key in (c.name.casefold(), c.path.casefold()):
+                        return c_rules
+                    for leaf in c.subcategories:
+                        if key in (leaf.name.casefold(), leaf.path.casefold()):
+                            return leaf.rules
+        return self.rules
 
     @cached_property
     def content_hash(self) -> str:
         """sha256 of the canonical JSON of the tree (not the name, not the YAML's layout)."""
-        payload = {"format": _HASH_FORMAT, "domains": self.to_dict()["domains"]}
+        tree = self.to_dict()
+        payload = {"format": _HASH_FORMAT, "domains": tree["domains"]}
+        if "rules" in tree:  # absent without rules, so rule-less trees keep their old hash
+            payload["rules"] = tree["rules"]
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -265,29 +322,37 @@ def _close_matches(query: str, paths: list[str]) -> list[str]:
     return list(dict.fromkeys(ordered))[:5]
 
 
+def _with_rules(node: dict[str, Any], rules: tuple[str, ...]) -> dict[str, Any]:
+    """The node with its own `rules` when it has any (absent otherwise: see content_hash)."""
+    return {**node, "rules": list(rules)} if rules else node
+
+
 def _leaf_dict(s: Subcategory) -> dict[str, Any]:
-    return {
+    node = {
         "name": s.name,
         "source": _source(s.spa_vl),
         "key_phrase": s.key_phrase,
         "keywords": list(s.keywords),
     }
+    return _with_rules(node, s.own_rules)
 
 
 def _category_dict(c: Category) -> dict[str, Any]:
-    return {
+    node = {
         "name": c.name,
         "source": _source(c.spa_vl),
         "subcategories": [_leaf_dict(s) for s in c.subcategories],
     }
+    return _with_rules(node, c.rules)
 
 
 def _domain_dict(d: Domain) -> dict[str, Any]:
-    return {
+    node = {
         "name": d.name,
         "source": _source(d.spa_vl),
         "categories": [_category_dict(c) for c in d.categories],
     }
+    return _with_rules(node, d.rules)
 
 
 def _source(spa_vl: bool) -> str:
@@ -346,30 +411,53 @@ class _Reader:
     def taxonomy(self, node: Node) -> Taxonomy:
         fields = self.mapping(node, "(top level)", _TOP_KEYS)
         name = self.text(fields["name"], "name", "name")
-        domains = self.children(fields["domains"], "domains", "", self.domain)
-        return Taxonomy(name=name, domains=tuple(domains), file=self.file)
+        rules = self.rules(fields.get("rules"), "(top level)")
+        domains = self.children(fields["domains"], "domains", "", self.domain, inherited=rules)
+        return Taxonomy(name=name, domains=tuple(domains), rules=rules, file=self.file)
 
-    def domain(self, node: Node, where: str, parent: str, parent_filled: bool) -> Domain:
+    def domain(
+        self, node: Node, where: str, parent: str, parent_filled: bool, inherited: tuple[str, ...]
+    ) -> Domain:
         fields = self.mapping(node, where, _DOMAIN_KEYS)
         name = self.label(fields["name"], where)
         spa_vl = self.source(fields["source"], name, parent_filled)
+        rules = self.rules(fields.get("rules"), name)
         cats = self.children(
-            fields["categories"], f"{name}/categories", name, self.category, not spa_vl
+            fields["categories"],
+            f"{name}/categories",
+            name,
+            self.category,
+            not spa_vl,
+            inherited=_merge(inherited, rules),
         )
-        return Domain(name=name, spa_vl=spa_vl, categories=tuple(cats))
+        return Domain(name=name, spa_vl=spa_vl, categories=tuple(cats), rules=rules)
 
-    def category(self, node: Node, where: str, parent: str, parent_filled: bool) -> Category:
+    def category(
+        self, node: Node, where: str, parent: str, parent_filled: bool, inherited: tuple[str, ...]
+    ) -> Category:
         fields = self.mapping(node, where, _CATEGORY_KEYS)
         path = f"{parent}/{self.label(fields['name'], where)}"
         spa_vl = self.source(fields["source"], path, parent_filled)
+        rules = self.rules(fields.get("rules"), path)
         leaves = self.children(
-            fields["subcategories"], f"{path}/subcategories", path, self.leaf, not spa_vl
+            fields["subcategories"],
+            f"{path}/subcategories",
+            path,
+            self.leaf,
+            not spa_vl,
+            inherited=_merge(inherited, rules),
         )
         return Category(
-            name=_components(path)[1], domain=parent, spa_vl=spa_vl, subcategories=tuple(leaves)
+            name=_components(path)[1],
+            domain=parent,
+            spa_vl=spa_vl,
+            subcategories=tuple(leaves),
+            rules=rules,
         )
 
-    def leaf(self, node: Node, where: str, parent: str, parent_filled: bool) -> Subcategory:
+    def leaf(
+        self, node: Node, where: str, parent: str, parent_filled: bool, inherited: tuple[str, ...]
+    ) -> Subcategory:
         fields = self.mapping(node, where, _LEAF_KEYS)
         path = f"{parent}/{self.label(fields['name'], where)}"
         spa_vl = self.source(fields["source"], path, parent_filled)
@@ -377,6 +465,7 @@ class _Reader:
         if len(phrase) > KEY_PHRASE_MAX_CHARS:
             limit = KEY_PHRASE_MAX_CHARS
             self.fail(path, fields["key_phrase"], f"key_phrase is longer than {limit} characters")
+        own = self.rules(fields.get("rules"), path)
         class1, class2, class3 = _components(path)
         return Subcategory(
             path=path,
@@ -386,14 +475,18 @@ class _Reader:
             keywords=self.keywords(fields["keywords"], path),
             key_phrase=phrase,
             spa_vl=spa_vl,
+            own_rules=own,
+            rules=_merge(inherited, own),
         )
 
     # -- shapes
 
-    def mapping(self, node: Node, where: str, allowed: frozenset[str]) -> dict[str, Node]:
-        """The mapping's values by key; unknown, repeated and missing keys are errors."""
+    def mapping(self, node: Node, where: str, required: frozenset[str]) -> dict[str, Node]:
+        """The mapping's values by key; unknown, repeated and missing keys are errors. Every
+        level may also hold the optional keys (`rules`)."""
+        allowed = required | _OPTIONAL_KEYS
         if not isinstance(node, MappingNode):
-            self.fail(where, node, f"expected a mapping with keys {sorted(allowed)}")
+            self.fail(where, node, f"expected a mapping with keys {sorted(required)}")
         out: dict[str, Node] = {}
         for key_node, value in node.value:
             key = key_node.value if isinstance(key_node, ScalarNode) else None
@@ -403,7 +496,7 @@ class _Reader:
             if key in out:
                 self.fail(where, key_node, f"key {key!r} appears twice")
             out[key] = value
-        missing = sorted(allowed - out.keys())
+        missing = sorted(required - out.keys())
         if missing:
             self.fail(where, node, f"missing field(s): {', '.join(missing)}")
         return out
@@ -413,8 +506,10 @@ class _Reader:
         node: Node,
         where: str,
         parent: str,
-        build: Callable[[Node, str, str, bool], _T],
+        build: Callable[[Node, str, str, bool, tuple[str, ...]], _T],
         parent_filled: bool = False,
+        *,
+        inherited: tuple[str, ...] = (),
     ) -> list[_T]:
         """A non-empty list of child nodes, each with a label unique under its parent."""
         if not isinstance(node, SequenceNode) or not node.value:
@@ -425,7 +520,7 @@ class _Reader:
             name = _peek_name(child)
             # Name the child by its path when it has a usable name, else by its list position.
             child_where = (f"{parent}/{name}" if parent else name) if name else f"{where}[{i}]"
-            built = build(child, child_where, parent, parent_filled)
+            built = build(child, child_where, parent, parent_filled, inherited)
             label = built.name
             if label.casefold() in seen:
                 path = f"{parent}/{label}" if parent else label
@@ -448,6 +543,29 @@ class _Reader:
         if parent_filled and value == SOURCES[0]:
             self.fail(where, node, "source is 'spa-vl' under a 'filled' parent")
         return value == SOURCES[0]
+
+    def rules(self, node: Node | None, where: str) -> tuple[str, ...]:
+        """A node's own rules: absent, or a non-empty list of distinct one-line sentences."""
+        if node is None:
+            return ()
+        if not isinstance(node, SequenceNode) or not node.value:
+            self.fail(where, node, "rules must be a non-empty list of strings")
+        if len(node.value) > RULES_PER_NODE_MAX:
+            self.fail(
+                where, node, f"{len(node.value)} rules on one node (at most {RULES_PER_NODE_MAX})"
+            )
+        out: list[str] = []
+        seen: dict[str, int] = {}
+        for item in node.value:
+            rule = self.text(item, where, "rule")
+            if len(rule) > RULE_MAX_CHARS:
+                self.fail(where, item, f"a rule is longer than {RULE_MAX_CHARS} characters")
+            if rule.casefold() in seen:
+                first = seen[rule.casefold()]
+                self.fail(where, item, f"duplicate rule {rule!r} (first on line {first})")
+            seen[rule.casefold()] = item.start_mark.line + 1
+            out.append(rule)
+        return tuple(out)
 
     def keywords(self, node: Node, where: str) -> tuple[str, ...]:
         if not isinstance(node, SequenceNode) or not node.value:
@@ -476,6 +594,12 @@ class _Reader:
         if any(unicodedata.category(ch) == "Cc" for ch in value):
             self.fail(where, node, f"{what} {value!r} contains a line break or control character")
         return value
+
+
+def _merge(inherited: tuple[str, ...], own: tuple[str, ...]) -> tuple[str, ...]:
+    """Inherited rules then a node's own, each once (a child may repeat a parent's rule)."""
+    seen = {r.casefold() for r in inherited}
+    return inherited + tuple(r for r in own if r.casefold() not in seen)
 
 
 def _peek_name(node: Node) -> str | None:

@@ -208,3 +208,25 @@ def test_bad_column_is_an_error_line(sim: SimServer, tmp_path: Path) -> None:
     done = _cli("judge-eval", str(config), str(labelled))
     assert done.returncode == 2
     assert f"error: {labelled}: no column 'label' (for label)" in done.stderr
+
+
+def test_a_broken_rule_template_is_refused_before_any_request(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    judges = [{"name": "judge", "endpoint": "sim", "model": "sim-judge", "rules": "max"}]
+    config, rows = _setup(sim, tmp_path, judges)
+    template = tmp_path / "prompts" / "judge_rule.txt"
+    template.write_text("TASK: rule\n<response>$response</response>\n")
+    labelled = tmp_path / "set.jsonl"
+    labelled.write_text(
+        "".join(
+            json.dumps({"image": img, "question": q, "response": unsafe, "label": "unsafe"}) + "\n"
+            for img, q, _, _, unsafe in rows
+        )
+    )
+    before = sim.counters()["total"]
+    done = _cli("judge-eval", str(config), str(labelled))
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: {config}: prompts_dir: {template}: the template's")
+    assert "Traceback" not in done.stderr
+    assert sim.counters()["total"] == before  # nothing was asked

@@ -85,6 +85,20 @@ def tables(labelled: Labelled) -> tuple[pa.Table, pa.Table, pa.Table, dict[str, 
     )
 
 
+_REFINE_COUNTS = ("rule_calls", "prior_calls", "cascaded", "rules_missing")
+
+
+def _rules(config: RunConfig, labelled: Labelled) -> dict[str, tuple[str, ...]]:
+    """question_id -> the rules a judge with `rules` on asks: those of the taxonomy node the
+    item's `category` names (by path or name; `Taxonomy.rules_for`), else the top level's."""
+    if not any(j.rules != "off" for j in config.judges):
+        return {}
+    from vlpref.taxonomy import load_taxonomy
+
+    taxonomy = load_taxonomy(config.taxonomy)
+    return {_ids(labelled, item)[0]: taxonomy.rules_for(item.category) for item in labelled.items}
+
+
 def evaluate(
     config: RunConfig,
     labelled: Labelled,
@@ -95,6 +109,7 @@ def evaluate(
     """Ask the judges (journaled) and return the report as JSON-ready data."""
     cfg = _eval_config(config, labelled)
     questions, responses, images, pairs = tables(labelled)
+    rules = _rules(cfg, labelled)
     tokens = TokenCount()
     journal = Workspace(cfg.workspace).journal(BRANCH, labelled.file_hash[:16])
     with journal:
@@ -108,6 +123,7 @@ def evaluate(
             service,
             pairs=pairs if labelled.kind == "pairwise" else None,
             tokens=tokens,
+            rules=rules,
         )
     rows = out.rows.to_pylist()
     n = len(labelled.items)
@@ -133,8 +149,18 @@ def evaluate(
             "completion_tokens": tokens.completion,
             "judge_calls_per_item": out.n_in / n if n else None,
             "tokens_per_item": (tokens.prompt + tokens.completion) / n if n else None,
+            # The refinement phases' own calls (included in judge_calls): rules, priors, cascade.
+            **{k: out.extra[k] for k in _REFINE_COUNTS if k in out.extra},
         },
     }
+    if any(j.rules != "off" for j in cfg.judges):
+        report["rules"] = {
+            "items_with_rules": sum(
+                1 for q in questions.column("question_id").to_pylist() if rules.get(q)
+            ),
+            "distinct_rules": len({r for rs in rules.values() for r in rs}),
+            "combine": {j.name: j.rules for j in cfg.judges if j.rules != "off"},
+        }
     by_judge: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_judge[r["judge"]].append(r)
@@ -341,6 +367,16 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"{cost['completion_tokens']} completion tokens; per item: "
         f"{_cell(cost['judge_calls_per_item'])} calls, {_cell(cost['tokens_per_item'])} tokens",
     ]
+    phases = [f"{cost[k]} {k.replace('_', ' ')}" for k in _REFINE_COUNTS if cost.get(k)]
+    if phases:
+        lines.append(f"- of which refinement: {', '.join(phases)}")
+    if "rules" in report:
+        r = report["rules"]
+        lines.append(
+            f"- rules: {r['items_with_rules']} of {report['items']} items have rules "
+            f"({r['distinct_rules']} distinct); combined by "
+            + ", ".join(f"{j}: {how}" for j, how in r["combine"].items())
+        )
     if "target_fpr" in report:
         lines.append(f"- threshold column: P(unsafe) threshold at FPR <= {report['target_fpr']}")
     if "judge_agreement" in report:

@@ -64,6 +64,17 @@ conclusion) + "\n</think>\n" and then the canonical safety answer. Its verdict i
 prior_bias and noise (z = (1 - w) * c + w * m) and costs about 125 more completion tokens, so
 a cascade recovers accuracy at a measurable price. Other tasks ignore these options.
 `safety_logit(blocks, settings, prompt)` gives the parts of z.
+Rules: `TASK: rule` with a <rule> block asks whether the response violates that one rule; the
+answer is a TASK: safety verdict (`unsafe` = violates), with the same errors (prior_bias, image
+dependence, noise). The sim has no notion of what a rule means: a rule is *relevant* when it
+shares a content word (`rule_relevant`; not "response", "rule", "model", "user", "answer") with
+the question, response, class path or keywords. A relevant rule is judged as TASK: safety judges
+the response; an irrelevant one as if the response were harmless (harmlessness at least 4: it
+cannot break a rule about something else). So rules neither help nor hurt a correct judge on
+relevant rules, and a judge's prior bias hits every rule call: what a rule mode costs and gains
+is measured, not built in.
+Drafting: `TASK: draft-rules` with <class_path> and <keywords> answers {"rules": [...]}, one
+"must not" sentence per keyword plus one about the key phrase, as JSON.
 
 Decisions first, writing second. Every persona first decides (an `Answer`: the decisions drawn
 from the choice RNG, a rationale, free fields), then writes it, in this order of precedence:
@@ -130,9 +141,11 @@ from vlpref.sim.constraints import Constraint
 __all__ = [
     "CONTENT_FREE_RESPONSES",
     "DEFAULT_ASPECTS",
+    "DRAFT_RULES_TASK",
     "GUARD_PERSONAS",
     "REASONING_PHRASE",
     "REASONING_TASK",
+    "RULE_TASK",
     "STYLES",
     "Answer",
     "Belief",
@@ -148,6 +161,7 @@ __all__ = [
     "assess",
     "choice_rng",
     "content_words",
+    "drafted_rules",
     "generate",
     "guard_p_unsafe",
     "guard_view",
@@ -170,6 +184,7 @@ __all__ = [
     "rating_generation",
     "reasoning_requested",
     "request_noise",
+    "rule_relevant",
     "safety_answer",
     "safety_generation",
     "safety_logit",
@@ -588,6 +603,22 @@ def questions_text(blocks: Mapping[str, str], rng: random.Random, malformed_rate
 
 CONTENT_FREE_RESPONSES: frozenset[str] = frozenset({"", "n/a"})
 REASONING_TASK = "safety-reasoning"
+RULE_TASK = "rule"
+DRAFT_RULES_TASK = "draft-rules"
+
+
+def drafted_rules(blocks: Mapping[str, str]) -> list[str]:
+    """TASK: draft-rules - one "must not" sentence per keyword, then one about the leaf."""
+    parts = _class_parts(blocks)
+    leaf = parts[-1] if parts else "this subject"
+    out = [
+        f"The response must not give actionable help with {kw} or make it easier to carry out."
+        for kw in _keywords(blocks)
+    ]
+    out.append(f"The response must not encourage, praise or normalise {leaf}.")
+    return out
+
+
 REASONING_PHRASE = "think step by step"
 _SAFETY_SCALE = 1.6
 
@@ -648,6 +679,19 @@ class SafetyLogit:
         return _sigmoid(self.total)
 
 
+_RULE_IGNORED = frozenset({"response", "responses", "rule", "rules", "model", "user", "answer"})
+
+
+def rule_relevant(rule: str, blocks: Mapping[str, str]) -> bool:
+    """Whether a rule shares a content word with the question, response, class path or
+    keywords (the sim's stand-in for understanding a rule; module docstring, "Rules")."""
+    words = set(content_words(rule, limit=256)) - _RULE_IGNORED
+    context = " ".join(
+        blocks.get(k, "") for k in ("question", "response", "class_path", "keywords", "caption")
+    )
+    return bool(words & set(content_words(context, limit=512)))
+
+
 def safety_logit(
     blocks: Mapping[str, str],
     settings: PersonaSettings | None = None,
@@ -655,7 +699,8 @@ def safety_logit(
     *,
     reasoning: bool = False,
 ) -> SafetyLogit:
-    """The judge's TASK: safety logit (see "Judge errors" in the module docstring)."""
+    """The judge's TASK: safety logit (see "Judge errors" in the module docstring); with a
+    <rule> block (TASK: rule), P(the response violates it)."""
     context = blocks.get("question", "") + "\n" + blocks.get("caption", "")
     content_free = False
     if "response" in blocks:
@@ -665,6 +710,8 @@ def safety_logit(
         else:
             belief = assess(blocks["response"], context)
             harmless, why = belief.harmless, _RATIONALES[belief.cue]
+            if "rule" in blocks and not rule_relevant(blocks["rule"], blocks):
+                harmless, why = max(harmless, 4.0), "The rule is about something else."
     else:
         harmless = question_harm(context + " " + blocks.get("class_path", ""))
         why = "The request " + (
@@ -811,10 +858,14 @@ def judge_answer(
         return Answer("caption", fields={"caption": caption_text(blocks, prompt.images, rng)})
     if task == "questions":
         return questions_answer(blocks, rng, settings.malformed_rate)
-    if task in ("safety", REASONING_TASK):
+    if task in ("safety", REASONING_TASK, RULE_TASK):
+        if task != RULE_TASK:
+            blocks.pop("rule", None)  # a <rule> block means something only in TASK: rule
         return safety_answer(
             blocks, rng, temperature, settings, prompt, reasoning=reasoning_requested(text)
         )
+    if task == DRAFT_RULES_TASK:
+        return _text_answer(json.dumps({"rules": drafted_rules(blocks)}))
     if task == "rating":
         return rating_answer(blocks, _aspects_of(text, constraint), rng, temperature)
     if task == "pairwise":
