@@ -10,6 +10,11 @@ A version is written branch by branch (see `vlpref.store`). A branch is
 
 Shared files are hard links where the filesystem allows it, copies elsewhere.
 
+Every version gets its report, `report.html` (`vlpref.report_html`), written by the store's
+extras hook from the staged version and listed in the manifest's files; the flow run links it as
+the `vlpref-report` artifact. A report that fails to build is logged as a warning and left out:
+the version's data is good without it, and `vlpref report VERSION` builds it again.
+
 What a version publishes names no local folder and holds no key (README "Security"): the
 manifest's stage settings give a local image source as written in the config, an absolute one
 relative to the config file's folder (`published_stages`); the failures table's item ids and
@@ -20,6 +25,7 @@ redaction existed, or by a plug-in stage, is published clean too).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -37,9 +43,12 @@ from vlpref.config import ModelEntry, RunConfig
 from vlpref.evaluation import metrics
 from vlpref.prompts import prompt_versions
 from vlpref.redact import redact
-from vlpref.store import Part, SharedFile, Store, Version
+from vlpref.report_html import REPORT_NAME, build_report
+from vlpref.store import Part, SharedFile, Store, Version, VersionInfo
 from vlpref.taxonomy import Subcategory, Taxonomy
 from vlpref.workspace import StageRef, Workspace, stage_key
+
+log = logging.getLogger(__name__)
 
 # table name -> the stage whose output holds it
 TABLE_SOURCES = {
@@ -371,6 +380,66 @@ def publish_version(
         }
 
     info_ = store.publish(
-        parts(), manifest, dataset_card, parent=parent.version_id if parent else None
+        parts(),
+        manifest,
+        dataset_card,
+        parent=parent.version_id if parent else None,
+        extras={REPORT_NAME: version_report},
     )
+    link_report(store.open(info_.version_id))
     return info_.version_id
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The flow run's logger (its records reach the Prefect UI), or this module's outside one."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+def version_report(version: Version) -> bytes | None:
+    """report.html for the version being published; None (with a warning) when it cannot be
+    built: a bug in the report must not cost a finished run its version."""
+    try:
+        return build_report(version)
+    except Exception as exc:
+        _logger().warning(
+            "report.html left out of version %s (%s: %s); build it with `vlpref report %s`",
+            version.version_id,
+            type(exc).__name__,
+            redact(str(exc)),
+            version.version_id,
+            exc_info=True,
+        )
+        return None
+
+
+def report_link(info: VersionInfo) -> str:
+    """Where a version's report.html is, as a link: a file:// URL for a local store, the
+    fsspec URI (s3://..., gs://...) elsewhere."""
+    location = f"{info.location.rstrip('/')}/{REPORT_NAME}"
+    return location if "://" in location else Path(location).resolve().as_uri()
+
+
+def link_report(version: Version) -> None:
+    """The report as the flow run's `vlpref-report` link artifact. Nothing outside a flow run,
+    or when the version has no report; a failure to create it is a warning (the version is
+    already committed: an artifact is a convenience, not part of it)."""
+    from prefect.artifacts import create_link_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None or REPORT_NAME not in version.manifest["files"]:
+        return
+    try:
+        create_link_artifact(
+            link=report_link(version.info),
+            link_text=f"{REPORT_NAME} of {version.version_id}",
+            key="vlpref-report",
+            description=f"The version report (plots and a sample gallery) of {version.version_id}",
+        )
+    except Exception as exc:
+        _logger().warning("could not link report.html as an artifact: %s", redact(str(exc)))

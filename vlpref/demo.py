@@ -4,7 +4,9 @@ Starts the sim server (a test double: personas, not real models) on a free loopb
 a run config for the shipped demo taxonomy (`builtin:demo`, vlpref/resources/taxonomy/demo.yaml)
 under `.vlpref/demo/` in the current folder, runs the Prefect flow, and prints where the new
 version is with a short summary (counts per category, unsafe rate per model as in SPA-VL's
-Table 1). Rerunning it reuses everything: the journal answers every request.
+Table 1). Its last line is the path of the version's report (report.html: the plots and a sample
+gallery; open it in a browser). Rerunning it reuses everything: the journal answers every
+request, and the new version gets its own report.
 
 It needs nothing from a checkout: an installed vlpref runs it from any folder.
 """
@@ -95,9 +97,13 @@ def main() -> None:
         config = demo_config(sim.base_url, root, args.per_branch)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         from flows.build import build_dataset
+        from vlpref.prefect_server import stop_temporary_server
         from vlpref.report import print_summary
 
         version_id = build_dataset(str(config_path))
+        # Prefect would stop its temporary server at exit, logging it after the summary: stopped
+        # now, the report's path is the demo's last line, on the terminal as on stdout.
+        stop_temporary_server()
         print_summary(str(config_path), version_id, time.perf_counter() - started, sim.counters())
 
 

@@ -1,4 +1,8 @@
-"""A short human summary of a published version (used by `vlpref run` and the demo)."""
+"""A short human summary of a published version (used by `vlpref run` and the demo).
+
+It ends with the path of the version's report (report.html, `vlpref.report_html`), the page with
+the plots and the gallery that this summary only sketches.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from vlpref.config import load_config
+from vlpref.report_html import REPORT_NAME
 from vlpref.run_summary import RunSummary, summarize
-from vlpref.store import Store
+from vlpref.store import Store, Version
 
 
 def print_summary(
@@ -63,6 +68,32 @@ def print_summary(
     )
     if server_counters is not None:
         console.print(f"requests that reached the simulated server: {server_counters.get('total')}")
+    print_report_path(version, console)
+
+
+def report_location(version: Version) -> str | None:
+    """Where the version's report.html is, or None when it has none (published before versions
+    had reports, or its report failed to build: the run's log says why)."""
+    if REPORT_NAME not in version.manifest["files"]:
+        return None
+    return version.path(REPORT_NAME)
+
+
+def print_report_path(version: Version, console: Console) -> None:
+    """The last line of the summary: the report's path, alone on its line so that a script can
+    take it (`tail -1`)."""
+    where = report_location(version)
+    if where is None:
+        console.print(
+            f"report: none in this version; `vlpref report {version.version_id} --store "
+            f"{version.store.location}` builds one",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    console.print("report:", highlight=False)
+    console.print(where, markup=False, highlight=False, soft_wrap=True)
 
 
 def print_run_summary(summary: RunSummary, console: Console | None = None) -> None:

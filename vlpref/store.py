@@ -12,6 +12,7 @@ Layout under the store location:
         data/<split>/<part>.parquet     SPA-VL quadruples, one part per branch
         manifest.json               what produced the version; files with size and sha256
         README.md                   the dataset card
+        report.html                 the version report (any extra file a publisher asks for)
         _COMPLETE                   the visibility marker (JSON: id, parent, manifest sha256)
 
 `version_id` is `<UTC yyyymmddTHHMMSS.ffffffZ>-<8 hex of the content hash>`: sorting ids sorts
@@ -23,6 +24,15 @@ and copied otherwise; its manifest entry keeps the size, sha256 and the version 
 from. Versions stay immutable: no file is ever written in place, so a hard link is never changed
 under a version that shares it. Readers read a table or a split as all of its parts (a folder of
 Parquet files that pyarrow, pandas, DuckDB and `datasets` read as one).
+
+Extra files: `publish(extras={name: function})` writes more files at the version's top level
+(the flow writes `report.html`, `vlpref.report_html`). Each function is called once the data
+parts, the splits and README.md are written, with the staged version (`StagedVersion`: the
+`Version` reading methods, over the staging folder, and the final manifest but for the extras'
+own entries); it returns the file's bytes, or None to write nothing. An extra file is listed in
+the manifest's `files` with its size and sha256 like any other file, so `Version.verify` checks
+it and every file of a version folder is accounted for; it is derived from the manifest and the
+data, and the manifest is written after it (so it cannot show the manifest's own hash).
 
 Visibility: **a version exists only when its `_COMPLETE` marker exists.** Readers
 (`list_versions`, `latest`, `open`) ignore everything else. On the local filesystem the version is
@@ -99,8 +109,10 @@ __all__ = [
     "STALE_STAGING_S",
     "TABLES",
     "DamagedVersion",
+    "ExtraFile",
     "Part",
     "SharedFile",
+    "StagedVersion",
     "Store",
     "StoreLock",
     "Version",
@@ -142,6 +154,10 @@ _ROW_GROUP_BYTES: Final = 32 * 1024 * 1024
 _READ_CHUNK: Final = 8 * 1024 * 1024
 
 CardSource = str | Callable[[Mapping[str, Any]], str]
+# An extra file's content from the staged version (module docstring, "Extra files").
+ExtraFile = Callable[["Version"], bytes | None]
+_EXTRA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_RESERVED_NAMES: Final = frozenset({"README.md", "manifest.json", COMPLETE})
 
 
 @dataclass(frozen=True)
@@ -593,6 +609,24 @@ class Version:
                 raise StoreError(f"version {self.version_id}: {rel} does not match the manifest")
 
 
+class StagedVersion(Version):
+    """A version being published, read from its staging folder: what an extra file's function
+    gets (module docstring, "Extra files"). Not visible to any reader of the store."""
+
+    def __init__(self, store: Store, directory: str, manifest: dict[str, Any]) -> None:
+        info = VersionInfo(
+            version_id=manifest["version_id"],
+            created_at=manifest["created_at"],
+            parent=manifest.get("parent"),
+            location=store._location(directory),
+        )
+        self.store = store
+        self.info = info
+        self.version_id = info.version_id
+        self._dir = directory
+        self.__dict__["manifest"] = manifest  # the cached property, filled: no file to read yet
+
+
 # --- the store ----------------------------------------------------------------------------------
 
 
@@ -722,6 +756,7 @@ class Store:
         card: CardSource,
         *,
         parent: str | None = None,
+        extras: Mapping[str, ExtraFile] | None = None,
     ) -> VersionInfo:
         """Write a new immutable version and move LATEST to it.
 
@@ -735,9 +770,17 @@ class Store:
         `layout`, `version_id`, `created_at`, `parent`, `files` and `splits` to the manifest (a
         manifest that sets them, or holds anything that looks like a secret, is refused; NaN and
         infinities are written as null, which strict JSON readers accept). `card` is the README
-        text, or a function of the final manifest that returns it. On any error the staging
-        directory is removed and no version appears.
+        text, or a function of the final manifest that returns it. `extras` maps file names to
+        functions that write more files at the version's top level (module docstring, "Extra
+        files"). On any error the staging directory is removed and no version appears.
         """
+        extras = dict(extras or {})
+        for name in extras:
+            if not _EXTRA_NAME.match(name) or name in _RESERVED_NAMES:
+                raise StoreError(
+                    f"extra file {name!r}: a plain file name at the version's top level, not "
+                    f"{', '.join(sorted(_RESERVED_NAMES))}"
+                )
         if not callable(manifest):
             self._check_manifest(manifest)  # before any writing; a factory's after it
         if parent is not None and self._info(parent) is None:
@@ -766,7 +809,7 @@ class Store:
                 "splits": self._split_counts(staging, files),
                 "files": files,
             }
-            marker = self._write_meta(staging, full, card)
+            marker = self._write_meta(staging, full, card, extras)
             with self.lock(f"publish {version_id}"):
                 self._commit(staging, version_id, marker)
                 self._move_latest(version_id)
@@ -910,12 +953,23 @@ class Store:
                     by_split.setdefault(name, []).append(pq.read_table(f, columns=wanted))
         return {name: _split_counts(pa.concat_tables(t)) for name, t in sorted(by_split.items())}
 
-    def _write_meta(self, staging: str, manifest: dict[str, Any], card: CardSource) -> bytes:
-        """README.md and manifest.json; returns the marker (written into staging when local)."""
+    def _write_meta(
+        self,
+        staging: str,
+        manifest: dict[str, Any],
+        card: CardSource,
+        extras: Mapping[str, ExtraFile],
+    ) -> bytes:
+        """README.md, the extra files and manifest.json; returns the marker (written into
+        staging when local)."""
         text = card(manifest) if callable(card) else card
         manifest["files"]["README.md"] = _write_bytes(
             self.fs, join(staging, "README.md"), text.encode()
         )
+        for name, make in extras.items():
+            content = make(StagedVersion(self, staging, manifest))
+            if content is not None:
+                manifest["files"][name] = _write_bytes(self.fs, join(staging, name), content)
         raw = _json_bytes(manifest)
         _write_bytes(self.fs, join(staging, "manifest.json"), raw)
         marker = {
