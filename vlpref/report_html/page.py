@@ -60,6 +60,7 @@ th, td { border-bottom: 1px solid var(--line); padding: 3px 8px; text-align: lef
   vertical-align: top; }
 th { background: var(--soft); font-weight: 600; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.n { white-space: nowrap; }
 .scroll { overflow-x: auto; max-width: 100%; }
 figure { margin: 8px 0 14px; }
 figure svg { display: block; }

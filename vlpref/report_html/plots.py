@@ -59,7 +59,7 @@ def svg_text(fig: Figure, prefix: str) -> str:
     """`fig` as an `<svg>` element to inline (see the module docstring); ids begin `prefix-`."""
     with _style(prefix):
         buffer = io.StringIO()
-        fig.savefig(buffer, format="svg", metadata={"Date": None}, bbox_inches="tight")
+        fig.savefig(buffer, format="svg", metadata={"Date": None})
     text = _METADATA.sub("", _PROLOGUE.sub("", buffer.getvalue(), count=1), count=1)
     # Its natural size, narrower (and as much lower) where the page is narrower.
     text = _SIZE.sub('<svg role="img" style="max-width:100%;height:auto" ', text, count=1)
