@@ -274,7 +274,8 @@ def judge_responses(
            `noisy_or`); a response with a rule call that failed keeps the holistic verdict and
            says so (`rules_missing`), and the failed call is retried by a rerun;
         4. cascade: a response whose P(unsafe) is then inside `cascade_band` gets a reasoning
-           call, whose verdict decides.
+           call, whose verdict decides; with debias, corrected by the prior of one content-free
+           reasoning call per question that cascaded.
         Every call is journaled and counted like every judge call; priors are kept as judgments
         of kind `safety_prior`."""
         reasoning_prompt = load_prompt("judge_safety_reasoning", config.prompts_dir)
@@ -412,7 +413,35 @@ def judge_responses(
                 )
 
         slow, slow_failures, slow_calls = run_phase(reasoning_calls)
-        for decided in slow.table().to_pylist():
+        decisions = slow.table().to_pylist()
+        # A reasoning verdict leans like any other: with debias, one content-free reasoning
+        # call per question that cascaded gives its prior, and the decision is corrected too
+        # (else the cascade would put back the lean debias took out, e.g. an image's pull).
+        cascaded_questions = {
+            (d["judge"], d["question_id"]) for d in decisions if judges[d["judge"]].debias != "off"
+        }
+
+        def reasoning_prior_calls(judge: JudgeEntry) -> Iterator[_Call]:
+            for name, qid in sorted(cascaded_questions):
+                if name != judge.name:
+                    continue
+                q = question_rows[qid]
+                text = reasoning_prompt.render(question=q["text"], response=CONTENT_FREE)
+                yield _Call(
+                    f"prior\x1f{judge.name}\x1f{qid}\x1freasoning",
+                    judge,
+                    (Message.user(image_part(image_rows[q["image_id"]]), text),),
+                    reasoning_prompt.version,
+                    _prior_parser(judge, qid, branch_id, REASONING_PRIOR),
+                    "safety",
+                )
+
+        slow_priors, slow_prior_failures, slow_prior_calls = run_phase(reasoning_prior_calls)
+        slow_prior_rows = slow_priors.table().to_pylist()
+        reasoning_priors = {(r["judge"], r["question_id"]): r["score"] for r in slow_prior_rows}
+        for decided in decisions:
+            if judges[decided["judge"]].debias != "off":
+                correct(decided, reasoning_priors.get((decided["judge"], decided["question_id"])))
             fast = safety[(decided["judge"], decided["response_id"])]
             probabilities = json.loads(decided["probabilities"])
             probabilities.update(cascaded=True, fast_unsafe=fast["score"])
@@ -424,17 +453,16 @@ def judge_responses(
                 rationale=decided["rationale"],
                 raw=decided["raw"],
             )
-        refined = table_of(
-            [*all_rows, *by_rule.values(), *prior_rows.table().to_pylist()], JUDGMENTS
-        )
+        priors_kept = [*prior_rows.table().to_pylist(), *slow_prior_rows]
+        refined = table_of([*all_rows, *by_rule.values(), *priors_kept], JUDGMENTS)
         counts = {
             "rule_calls": rule_calls_made,
-            "prior_calls": prior_calls_made,
+            "prior_calls": prior_calls_made + slow_prior_calls,
             "cascaded": slow_calls,
             "rules_missing": rules_missing,
         }
-        calls = rule_calls_made + prior_calls_made + slow_calls
-        failed = [*rule_failures, *prior_failures, *slow_failures]
+        calls = rule_calls_made + prior_calls_made + slow_calls + slow_prior_calls
+        failed = [*rule_failures, *prior_failures, *slow_failures, *slow_prior_failures]
         return refined, failed, calls, counts
 
     stats = BatchStats()
@@ -534,11 +562,15 @@ def judge_responses(
     )
 
 
+REASONING_PRIOR = "(reasoning)"  # the aspect of a reasoning call's prior; rules are sentences
+
+
 def _prior_parser(
     judge: JudgeEntry, question_id: str, branch_id: str, rule: str | None = None
 ) -> Callable[[Sample], Parsed]:
     """A content-free call's answer: the judge's prior P(unsafe) for the question and image (or
-    P(violation) of `rule`, kept in `aspect`)."""
+    P(violation) of `rule`, or the reasoning call's prior (`REASONING_PRIOR`), kept in
+    `aspect`)."""
 
     def parse(sample: Sample) -> Parsed:
         verdict = parse_safety(sample)
