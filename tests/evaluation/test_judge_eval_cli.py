@@ -118,7 +118,12 @@ def test_safety_eval_rerun_and_prompt_change(sim: SimServer, tmp_path: Path) -> 
     assert "combined (mean)" in report["results"]
     assert report["judge_agreement"]["metric"] == "cohen_kappa"
     assert report["judge_agreement"]["items"] == 8
+    per_category = report["judge_agreement_by_category"]
+    assert set(per_category) == {"crime", "violence", "weapons"}
+    assert [per_category[c]["items"] for c in ("crime", "violence", "weapons")] == [4, 2, 2]
+    assert all(a["metric"] == "cohen_kappa" for a in per_category.values())
     markdown = (out1 / "report.md").read_text()
+    assert "  - crime: " in markdown
     assert "## judge" in markdown and "| overall |" in markdown and "auroc" in markdown
 
     # A rerun pays for nothing: every call comes from the journal.

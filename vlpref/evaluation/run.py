@@ -175,16 +175,25 @@ def evaluate(
             name = f"combined ({cfg.stages.judge.aggregate})"
             results[name] = _grouped(items, combined, labelled, _safety_group(target_fpr))
         report["target_fpr"] = target_fpr
-        report["judge_agreement"] = m.judge_agreement(
-            {
-                j: {
-                    r["question_id"]: r["verdict"]
-                    for r in by_judge[j]
-                    if r["kind"] == "safety" and r["verdict"]
-                }
-                for j in report["judges"]
+        verdicts = {
+            j: {
+                r["question_id"]: r["verdict"]
+                for r in by_judge[j]
+                if r["kind"] == "safety" and r["verdict"]
             }
-        )
+            for j in report["judges"]
+        }
+        report["judge_agreement"] = m.judge_agreement(verdicts)
+        if labelled.has_category and len(report["judges"]) > 1:
+            by_category: dict[str, set[str]] = defaultdict(set)
+            for qid, item in items.items():
+                by_category[item.category or "(none)"].add(qid)
+            report["judge_agreement_by_category"] = {
+                c: m.judge_agreement(
+                    {j: {q: v for q, v in vs.items() if q in qids} for j, vs in verdicts.items()}
+                )
+                for c, qids in sorted(by_category.items())
+            }
     elif labelled.kind == "pairwise":
         results = {
             j: _grouped(items, _pair_picks(by_judge[j], items, labelled), labelled, _pair_group)
@@ -383,6 +392,11 @@ def markdown(report: Mapping[str, Any]) -> str:
         ag = report["judge_agreement"]
         value = _cell(ag["value"]) if ag["value"] is not None else f"n/a ({ag.get('reason')})"
         lines.append(f"- agreement between judges ({ag['metric'] or '-'}): {value}")
+        for category, cat in report.get("judge_agreement_by_category", {}).items():
+            shown = (
+                _cell(cat["value"]) if cat["value"] is not None else f"n/a ({cat.get('reason')})"
+            )
+            lines.append(f"  - {category}: {shown}")
     for judge, res in report["results"].items():
         groups = {"overall": res["overall"], **res.get("by_category", {})}
         first = next(iter(groups.values()))
