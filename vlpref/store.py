@@ -27,12 +27,14 @@ Parquet files that pyarrow, pandas, DuckDB and `datasets` read as one).
 
 Extra files: `publish(extras={name: function})` writes more files at the version's top level
 (the flow writes `report.html`, `vlpref.report_html`). Each function is called once the data
-parts, the splits and README.md are written, with the staged version (`StagedVersion`: the
-`Version` reading methods, over the staging folder, and the final manifest but for the extras'
-own entries); it returns the file's bytes, or None to write nothing. An extra file is listed in
-the manifest's `files` with its size and sha256 like any other file, so `Version.verify` checks
-it and every file of a version folder is accounted for; it is derived from the manifest and the
-data, and the manifest is written after it (so it cannot show the manifest's own hash).
+parts and the splits are written, with the staged version (`StagedVersion`: the `Version`
+reading methods, over the staging folder, and the final manifest but for README.md and the
+extras' own entries); it returns the file's bytes, or None to write nothing. The extras come
+before README.md, so that the card (a function of the manifest) can link what they wrote. An
+extra file is listed in the manifest's `files` with its size and sha256 like any other file, so
+`Version.verify` checks it and every file of a version folder is accounted for; it is derived
+from the manifest and the data, and the manifest is written after it (so it cannot show the
+manifest's own hash).
 
 Visibility: **a version exists only when its `_COMPLETE` marker exists.** Readers
 (`list_versions`, `latest`, `open`) ignore everything else. On the local filesystem the version is
@@ -960,16 +962,16 @@ class Store:
         card: CardSource,
         extras: Mapping[str, ExtraFile],
     ) -> bytes:
-        """README.md, the extra files and manifest.json; returns the marker (written into
+        """The extra files, README.md and manifest.json; returns the marker (written into
         staging when local)."""
-        text = card(manifest) if callable(card) else card
-        manifest["files"]["README.md"] = _write_bytes(
-            self.fs, join(staging, "README.md"), text.encode()
-        )
         for name, make in extras.items():
             content = make(StagedVersion(self, staging, manifest))
             if content is not None:
                 manifest["files"][name] = _write_bytes(self.fs, join(staging, name), content)
+        text = card(manifest) if callable(card) else card
+        manifest["files"]["README.md"] = _write_bytes(
+            self.fs, join(staging, "README.md"), text.encode()
+        )
         raw = _json_bytes(manifest)
         _write_bytes(self.fs, join(staging, "manifest.json"), raw)
         marker = {

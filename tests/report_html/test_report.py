@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import webbrowser
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -167,15 +168,19 @@ def test_an_extra_sees_the_staged_version_and_may_write_nothing(
         seen["pairs"] = version.table("pairs", ["pair_id"]).num_rows
         return b"probe"
 
+    def card(manifest: Mapping[str, Any]) -> str:
+        seen["card sees"] = sorted(set(manifest["files"]) & {"probe.txt", "none.txt"})
+        return dataset_card(manifest)
+
     info = st.publish(
-        parts(tables),
-        MANIFEST,
-        dataset_card,
-        extras={"probe.txt": probe, "none.txt": lambda v: None},
+        parts(tables), MANIFEST, card, extras={"probe.txt": probe, "none.txt": lambda v: None}
     )
     version = st.open(info.version_id)
     assert seen["id"] == info.version_id
-    assert "README.md" in seen["files"] and "probe.txt" not in seen["files"]
+    # The data and the splits, not yet the card (it may link the extras) nor the extra itself.
+    assert "data/train/b1.parquet" in seen["files"]
+    assert "README.md" not in seen["files"] and "probe.txt" not in seen["files"]
+    assert seen["card sees"] == ["probe.txt"]  # so a card can link the report
     assert seen["pairs"] == tables["pairs"].num_rows
     assert Path(version.path("probe.txt")).read_bytes() == b"probe"
     assert "none.txt" not in version.manifest["files"]
