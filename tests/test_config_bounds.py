@@ -1,6 +1,6 @@
-"""Every count in a run config has an upper bound (README, "The run config": bounds): a value past
-it is one `error: FILE: FIELD: line N: ...` line from `vlpref check`, exit code 2, no traceback,
-before anything is built. `per_branch: 1000000000` used to run to 4.7 GB in 60 s."""
+"""Every count in a run config has an upper bound (docs/configuration.md, "Bounds"): a value
+past it is one `error: FILE: FIELD: line N: ...` line from `vlpref check`, exit code 2, no
+traceback, before anything is built. `per_branch: 1000000000` used to run to 4.7 GB in 60 s."""
 
 from __future__ import annotations
 

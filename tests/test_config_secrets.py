@@ -1,5 +1,5 @@
-"""Secrets in a run config are refused and never repeated (README "Security", "Keys and
-secrets"): a key pasted where the *name* of a variable or block belongs, a field named like a
+"""Secrets in a run config are refused and never repeated (docs/security.md, "Keys
+and secrets"): a key pasted where the *name* of a variable or block belongs, a field named like a
 credential (headers, extra_body, anywhere), a value shaped like a key wherever it is written; and
 no error message quotes them, `vlpref check` included."""
 
