@@ -30,12 +30,24 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
 
 from vlpref.chat import ChatRequest, ChatResult, Sample, Usage, split_usage
 from vlpref.journal import Journal, JournalEntry
 from vlpref.keys import request_fingerprint, sample_key
 from vlpref.providers.base import Provider
 from vlpref.redact import redact
+
+
+@runtime_checkable
+class ResumableProvider(Protocol):
+    """A provider whose calls outlive the process (a batch API, vlpref/providers/openai_batch.py):
+    `state` is the journal's folder, where it records what it submitted, so a rerun after a kill
+    waits for those calls instead of sending them again."""
+
+    def complete_resumable(
+        self, requests: Sequence[ChatRequest], state: str | None
+    ) -> AsyncIterator[ChatResult]: ...
 
 
 @dataclass(slots=True)
@@ -176,7 +188,12 @@ async def run_requests(
 
     if not to_send:
         return
-    async for result in provider.complete(to_send):
+    if isinstance(provider, ResumableProvider) and journal is not None:
+        # A batch API: it keeps what it submitted beside the journal, so a rerun resumes it.
+        stream = provider.complete_resumable(to_send, journal.location)
+    else:
+        stream = provider.complete(to_send)
+    async for result in stream:
         if result.failure is not None:
             # Every provider's failures enter vlpref here, a plug-in's too: a message that quotes
             # a key (an endpoint's echo) is redacted before a stage, a log or a table has it.

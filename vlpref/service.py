@@ -205,8 +205,9 @@ class ModelService:
             # returns. `hold_back` (the probe): chunks of at most `guard.remaining` requests, so
             # no more than the limit is sent before the decision (journal hits do not count).
             # Without it (a trusted model) chunks are full, and a stop comes after the chunk.
+            whole = getattr(provider, "chunk_requests", None)
             while guard is None or guard.probing:
-                size = chunk_size
+                size = whole if isinstance(whole, int) else chunk_size
                 if hold_back and guard is not None:
                     size = min(guard.remaining, chunk_size)
                 chunk = list(itertools.islice(iterator, size))
@@ -228,7 +229,9 @@ class ModelService:
             if first is None:
                 return
             iterator = itertools.chain((first,), iterator)
-            if limit <= 0:
+            # A batch API (`chunk_requests`, vlpref/providers/openai_batch.py) gets the whole
+            # stage: a probe would submit a first small batch and wait hours for it.
+            if limit <= 0 or hasattr(batch.provider, "chunk_requests"):
                 await send(batch.provider, iterator, counted)
                 return
             guard = EarlyStop(limit)

@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 import httpx2
 import openai
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -156,6 +156,26 @@ class OpenAICompatOptions(BaseModel):
     serve: ServeOptions | None = Field(
         default=None, description="`vlpref vllm-serve` starts a vLLM server here (README: vLLM)"
     )
+    # Batch APIs (docs/batch.md): `batch` sends a stage's missing requests as batch files
+    # through /v1/files + /v1/batches (half price on OpenAI, results within the window) instead
+    # of one call each; `concurrency`, `rpm` and `tpm` then do not apply.
+    mode: Literal["online", "batch"] = "online"
+    batch_max_requests: int = Field(default=50_000, ge=1, le=50_000)  # OpenAI's per-file limit
+    batch_max_bytes: int = Field(default=200_000_000, ge=1_000_000, le=200_000_000)
+    batch_poll_s: float = Field(default=10.0, gt=0, le=3600)  # the first poll's wait
+    batch_poll_max_s: float = Field(default=300.0, gt=0, le=3600)  # waits grow up to this
+    # OpenAI takes 24h only; other batch APIs (Groq, ...) up to 7 days.
+    batch_completion_window: str = Field(
+        default="24h", pattern=r"^(24|48|72|96|120|144|168)h$|^[1-7]d$"
+    )
+    batch_max_submissions: int = Field(default=3, ge=1, le=20)  # per request, within one run
+    batch_keep_files: bool = False  # keep each input file beside the journal (vllm run-batch)
+
+    @model_validator(mode="after")
+    def _poll_range(self) -> Self:
+        if self.batch_poll_max_s < self.batch_poll_s:
+            raise ValueError("batch_poll_max_s must be >= batch_poll_s")
+        return self
 
     @field_validator("base_url")
     @classmethod
@@ -395,21 +415,28 @@ def _classify(exc: BaseException) -> _RetryableError | _FinalError:
             "connection", f"connection error: {exc.__cause__ or exc}", None, None
         )
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
         retry_after = retry_after_seconds(exc.response.headers)
-        message = f"HTTP {status}: {_error_message(exc)}"
-        if status == 429:
-            return _RetryableError("rate_limit", message, status, retry_after)
-        if status >= 500:
-            return _RetryableError("server_error", message, status, retry_after)
-        if status in (408, 409):
-            return _RetryableError(
-                "timeout" if status == 408 else "other", message, status, retry_after
-            )
-        if status in (401, 403):
-            return _FinalError("auth", message, status)
-        return _FinalError("bad_request", message, status)
+        return classify_status(exc.status_code, _error_message(exc), retry_after)
     return _FinalError("other", f"{type(exc).__name__}: {exc}", None)
+
+
+def classify_status(
+    status: int, detail: str, retry_after: float | None = None
+) -> _RetryableError | _FinalError:
+    """What an error status means: retryable or not, and its failure kind. Online answers and
+    the lines of a batch's output and error files (vlpref/providers/openai_batch.py) alike."""
+    message = f"HTTP {status}: {detail}"
+    if status == 429:
+        return _RetryableError("rate_limit", message, status, retry_after)
+    if status >= 500:
+        return _RetryableError("server_error", message, status, retry_after)
+    if status in (408, 409):
+        return _RetryableError(
+            "timeout" if status == 408 else "other", message, status, retry_after
+        )
+    if status in (401, 403):
+        return _FinalError("auth", message, status)
+    return _FinalError("bad_request", message, status)
 
 
 def _error_message(exc: openai.APIStatusError) -> str:
@@ -445,7 +472,13 @@ class OpenAICompatProvider(Provider):
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any]) -> Self:
-        return cls(OpenAICompatOptions.model_validate(dict(options)))
+        opts = OpenAICompatOptions.model_validate(dict(options))
+        if opts.mode == "batch" and cls is OpenAICompatProvider:
+            # Same kind, same identity (so the same journal keys): only the transport differs.
+            from vlpref.providers.openai_batch import OpenAIBatchProvider
+
+            return cast(Self, OpenAIBatchProvider(opts))
+        return cls(opts)
 
     @property
     def identity(self) -> str:

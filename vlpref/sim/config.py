@@ -31,6 +31,10 @@ Example (YAML)::
         # or `styles: all`, or per kind: {pairwise: {brackets: 2, output: 1}, questions: all}
         drop_logprobs: true                   # `logprobs: null` even when asked
       sim-llama-guard: {persona: llama-guard} # also shieldgemma, md-judge
+    batch:                                    # /v1/files + /v1/batches (see BatchSimConfig)
+      completion_delay_s: 2.0
+      fail_rate: 0.1
+      expire_batches: 1
 
 A model's own `latency`, `faults` and `rate_limit` replace the global ones when set. A global
 `rate_limit` gives every model its own window with those limits (as OpenAI limits per model).
@@ -176,6 +180,30 @@ class ModelConfig(_Strict):
         return self
 
 
+class BatchSimConfig(_Strict):
+    """How the sim's batch API (`/v1/files`, `/v1/batches`) behaves; every outcome is a function
+    of this config, the seed and the lines' bodies, never of timing or chance.
+
+    A batch answers its lines as `/v1/chat/completions` would (the same answer path), all at once
+    when `completion_delay_s` has passed since it was created; until then it is `in_progress`.
+    `fail_rate`: the share of lines answered with status `fail_status` instead (drawn per body and
+    per time the body arrived in a batch), at most `fail_max_per_request` times per body, so a
+    resubmitted line can succeed. Failed lines go to the error file, as OpenAI puts
+    them, or into the output file (`failed_lines_in`), as `vllm run-batch` does.
+    `expire_batches`: the first N batches created (since the server started) expire instead of
+    completing: the share `expire_done_rate` of their lines (drawn per body) is answered in the
+    output file, the others are listed in the error file with code `batch_expired`."""
+
+    completion_delay_s: float = Field(default=0.0, ge=0, le=86_400)
+    fail_rate: float = Field(default=0.0, ge=0, le=1)
+    fail_status: int = Field(default=500, ge=400, le=599)
+    fail_max_per_request: int = Field(default=1, ge=1)
+    failed_lines_in: Literal["error_file", "output_file"] = "error_file"
+    expire_batches: int = Field(default=0, ge=0)
+    expire_done_rate: float = Field(default=0.5, ge=0, le=1)
+    max_requests: int = Field(default=50_000, ge=1)  # OpenAI's limit per batch
+
+
 class SimConfig(_Strict):
     """The whole simulator configuration."""
 
@@ -188,6 +216,7 @@ class SimConfig(_Strict):
     latency: LatencyConfig = LatencyConfig()
     faults: dict[FaultKind, FaultSpec] = Field(default_factory=dict)
     rate_limit: RateLimitConfig | None = None
+    batch: BatchSimConfig = BatchSimConfig()
     models: dict[str, ModelConfig] = Field(min_length=1)
 
     def latency_for(self, model: str) -> LatencyConfig:

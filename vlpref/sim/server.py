@@ -1,7 +1,9 @@
 """The simulated OpenAI-compatible HTTP server (aiohttp.web) - a test double, not a model.
 
-Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, and the introspection
-endpoints GET /sim/counters, GET /sim/requests, POST /sim/reset.
+Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, the batch API (POST /v1/files,
+GET /v1/files/{id}/content, POST/GET /v1/batches, GET /v1/batches/{id}, POST
+/v1/batches/{id}/cancel: `vlpref.sim.batches`), and the introspection endpoints GET
+/sim/counters, GET /sim/requests, POST /sim/reset.
 
 Images: data URLs are base64-decoded and verified with Pillow; one larger than Pillow's
 `MAX_IMAGE_PIXELS` (a decompression bomb) is a 400 `image_too_large`, read no further than its
@@ -601,8 +603,6 @@ async def _handle_chat(request: web.Request, state: SimState, arrival: Arrival) 
     arrival_no = state.book.arrive(body_sha)
     fault = state.book.draw(body_sha, arrival_no, rt.faults) if rt.faults else None
     arrival.fault = fault
-    if rt.nondeterministic and not req.seeded:
-        req.seed = int(unit_hash(body_sha, arrival_no, "seed", state.book.seed) * 2**31)
     if fault == "rate_limit":
         return _injected_rate_limit(rt.faults["rate_limit"])
     if fault == "hang":
@@ -614,7 +614,7 @@ async def _handle_chat(request: web.Request, state: SimState, arrival: Arrival) 
     if fault == "server_error":
         await _sleep(delay)
         return _server_error()
-    payload = complete(rt.settings, req, state.new_id(), drop_logprobs=rt.drop_logprobs)
+    payload = answer(state, req, body_sha, arrival_no)
     if entry is not None and rt.window is not None:
         rt.window.settle(entry, payload["usage"]["total_tokens"])
     data = _dumps(payload)
@@ -626,6 +626,15 @@ async def _handle_chat(request: web.Request, state: SimState, arrival: Arrival) 
     if request.transport is None or request.transport.is_closing():
         arrival.status = 499  # the client went away (e.g. it timed out on a hang)
     return web.Response(body=data, headers=headers, content_type="application/json")
+
+
+def answer(state: SimState, req: ChatRequest, body_sha: bytes, arrival_no: int) -> dict[str, Any]:
+    """The chat.completion that a valid request gets, online or as a line of a batch (one
+    answer path, so a batch answers exactly what the endpoint would)."""
+    rt = state.models[req.model]
+    if rt.nondeterministic and not req.seeded:
+        req.seed = int(unit_hash(body_sha, arrival_no, "seed", state.book.seed) * 2**31)
+    return complete(rt.settings, req, state.new_id(), drop_logprobs=rt.drop_logprobs)
 
 
 async def _sleep(delay: float) -> None:
@@ -715,10 +724,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def sim_counters(request: web.Request) -> web.Response:
-    """GET /sim/counters."""
-    return web.Response(
-        body=_dumps(request.app[STATE_KEY].counters()), content_type="application/json"
-    )
+    """GET /sim/counters (the batch API's under `batch`, see `vlpref.sim.batches`)."""
+    from vlpref.sim.batches import BATCHES_KEY
+
+    counters = request.app[STATE_KEY].counters()
+    counters["batch"] = request.app[BATCHES_KEY].counters()
+    return web.Response(body=_dumps(counters), content_type="application/json")
 
 
 async def sim_requests(request: web.Request) -> web.Response:
@@ -732,7 +743,10 @@ async def sim_requests(request: web.Request) -> web.Response:
 
 async def sim_reset(request: web.Request) -> web.Response:
     """POST /sim/reset."""
+    from vlpref.sim.batches import BATCHES_KEY
+
     request.app[STATE_KEY].reset()
+    request.app[BATCHES_KEY].reset()
     return web.json_response({"status": "reset"})
 
 
@@ -747,4 +761,8 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/sim/counters", sim_counters)
     app.router.add_get("/sim/requests", sim_requests)
     app.router.add_post("/sim/reset", sim_reset)
+    # Imported here: the batch API answers its lines through this module's chat path.
+    from vlpref.sim.batches import add_batch_routes
+
+    add_batch_routes(app)
     return app
