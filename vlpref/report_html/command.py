@@ -20,10 +20,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-# The module, not its names: `vlpref.cli` imports this one, and the annotations below are read
-# (by typer) only once the app runs, when both modules are complete.
-import vlpref.cli as cli
-
 __all__ = ["default_output", "report"]
 
 
@@ -76,3 +72,10 @@ def report(
     print(path)
     if open_:
         webbrowser.open(path.as_uri())
+
+
+# Last, and the module rather than its names: `vlpref.cli` imports this module at its own end to
+# register `report`, so whichever of the two is imported first, the other finds what it needs
+# already defined. The annotations above (`cli.StoreOption`...) are strings that typer resolves
+# only when the app runs, when both modules are complete.
+import vlpref.cli as cli  # noqa: E402
