@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from pydantic import ValidationError
 
@@ -26,7 +27,7 @@ from vlpref.batching import (
 from vlpref.chat import ChatRequest, ChatResult, Message, SamplingParams
 from vlpref.journal import Journal
 from vlpref.providers import create_provider
-from vlpref.providers.openai_batch import OpenAIBatchProvider
+from vlpref.providers.openai_batch import BatchResultsFile, OpenAIBatchProvider, write_batch_file
 from vlpref.providers.openai_compat import OpenAICompatOptions, OpenAICompatProvider
 from vlpref.runner import BatchStats, run_all
 from vlpref.sim.testing import SimServer, SimServerFactory
@@ -350,3 +351,41 @@ def test_batch_records_round_trip_and_name_their_state() -> None:
     assert not is_open_record("batch_1.input.jsonl")
     with pytest.raises(ValueError):
         BatchRecord.from_json(b'{"v": 2}')
+
+
+def test_a_batch_file_run_elsewhere_is_journaled_for_the_endpoint(
+    sim_server: SimServerFactory, tmp_path: Path
+) -> None:
+    """`write_batch_file` writes what `mode: batch` would submit; a result file of it (here the
+    sim's batch API, by hand, standing in for `vllm run-batch`) journals through
+    `BatchResultsFile` under the endpoint's keys: an online run then finds every answer."""
+    sim = sim_server({"models": JUDGE})
+    endpoint = {"base_url": sim.base_url}
+    batch = requests(6) + requests(1)  # a repeated request is one line
+    source = tmp_path / "in.jsonl"
+    assert write_batch_file(endpoint, batch, source) == 6
+    client = openai.OpenAI(base_url=sim.base_url, api_key="sim", max_retries=0)
+    uploaded = client.files.create(file=source, purpose="batch")
+    job = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    while job.status != "completed":
+        job = client.batches.retrieve(job.id)
+    assert job.output_file_id is not None
+    results = tmp_path / "out.jsonl"
+    results.write_bytes(client.files.content(job.output_file_id).content)
+
+    async def journal_results() -> list[ChatResult]:
+        journal = Journal(str(tmp_path / "journal"))
+        return await run_all(BatchResultsFile(endpoint, results), batch, journal)
+
+    imported = asyncio.run(journal_results())
+    assert all(r.ok for r in imported) and sim.counters()["total"] == 0
+    online = run(sim, batch, tmp_path / "journal")
+    assert all(r.cached for r in online) and sim.counters()["total"] == 0
+    fresh = run(sim, batch, None)
+    assert [(r.samples, r.usage) for r in imported] == [(r.samples, r.usage) for r in fresh]
+    missing = asyncio.run(
+        run_all(BatchResultsFile(endpoint, results), requests(1, prefix="other"), None)
+    )
+    assert missing[0].failure is not None and missing[0].failure.kind == "other"

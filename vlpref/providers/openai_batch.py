@@ -34,10 +34,10 @@ import os
 import posixpath
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Self, cast
 
 import httpx2
 import openai
@@ -55,10 +55,12 @@ from vlpref.batching import (
     record_file,
     starts_new_file,
 )
-from vlpref.chat import ChatRequest, ChatResult, Failure, FailureKind
+from vlpref.chat import ChatRequest, ChatResult, Failure, FailureKind, Sample, Usage
 from vlpref.fs import AbstractFileSystem, is_local, join, resolve
 from vlpref.keys import request_fingerprint
+from vlpref.providers.base import Provider
 from vlpref.providers.openai_compat import (
+    OpenAICompatOptions,
     OpenAICompatProvider,
     _classify,
     _dumps,
@@ -434,37 +436,25 @@ class _BatchRun:
     def _take(self, tracked: _Tracked, cid: str, line: ResultLine) -> None:
         """One result line: answers, a failure for good, or a reason to send it again."""
         wanted = self.wanted[cid]
-        if line.answered:
-            assert line.body is not None
-            try:
-                samples, usage = parse_completion(_dumps(line.body))
-            except _RetryableError as exc:  # not a chat completion: asked again, as online
-                wanted.last_reason = Failure(exc.kind, exc.args[0], exc.status, wanted.submissions)
-                return
-            tracked.answered.add(cid)
-            latency = time.perf_counter() - wanted.first_sent if wanted.first_sent else 0.0
-            for request in wanted.requests:
-                self.queue.put_nowait(
-                    ChatResult(
-                        request,
-                        samples=samples,
-                        usage=usage,
-                        latency_s=latency,
-                        attempts=wanted.submissions,
-                    )
+        outcome = outcome_of(line, wanted.submissions)
+        if outcome.failure is not None and not outcome.final:
+            wanted.last_reason = outcome.failure
+            return
+        tracked.answered.add(cid)
+        if outcome.failure is not None:
+            self._fail(cid, outcome.failure)
+            return
+        latency = time.perf_counter() - wanted.first_sent if wanted.first_sent else 0.0
+        for request in wanted.requests:
+            self.queue.put_nowait(
+                ChatResult(
+                    request,
+                    samples=outcome.samples,
+                    usage=outcome.usage,
+                    latency_s=latency,
+                    attempts=wanted.submissions,
                 )
-            return
-        if line.never_ran:
-            wanted.last_reason = _never_ran(line.message or line.code or "not run")
-            return
-        assert line.status is not None
-        err = classify_status(line.status, redact(line.message)[:300] or "no message")
-        failure = Failure(err.kind, str(err), err.status, wanted.submissions)
-        if isinstance(err, _FinalError):
-            tracked.answered.add(cid)
-            self._fail(cid, failure)
-        else:
-            wanted.last_reason = failure
+            )
 
     def _finish(self, tracked: _Tracked, status: str) -> None:
         self.queue.put_nowait(_Done(replace(tracked.record, status=status)))
@@ -497,6 +487,95 @@ class _BatchRun:
             self.queue.put_nowait(
                 ChatResult(request, failure=failure, latency_s=latency, attempts=wanted.submissions)
             )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one result line means for its request: samples and usage, or a failure that is
+    `final` (refused: sending it again cannot help) or not (it may be answered next time)."""
+
+    samples: tuple[Sample, ...] = ()
+    usage: Usage = field(default_factory=Usage)
+    failure: Failure | None = None
+    final: bool = True
+
+
+def outcome_of(line: ResultLine, attempts: int = 1) -> Outcome:
+    """Read a result line as the online path reads an answer: the body through
+    `parse_completion`, an error status through `classify_status`."""
+    if line.answered:
+        assert line.body is not None
+        try:
+            samples, usage = parse_completion(_dumps(line.body))
+        except _RetryableError as exc:  # not a chat completion: asked again, as online
+            return Outcome(failure=Failure(exc.kind, str(exc), exc.status, attempts), final=False)
+        return Outcome(samples, usage)
+    if line.never_ran:
+        failure = _never_ran(line.message or line.code or "not run")
+        return Outcome(failure=replace(failure, attempts=attempts), final=False)
+    assert line.status is not None
+    err = classify_status(line.status, redact(line.message)[:300] or "no message")
+    failure = Failure(err.kind, str(err), err.status, attempts)
+    return Outcome(failure=failure, final=isinstance(err, _FinalError))
+
+
+def write_batch_file(
+    options: Mapping[str, Any], requests: Iterable[ChatRequest], path: str | Path
+) -> int:
+    """Write `requests` as one batch input file, exactly as `mode: batch` on the endpoint of
+    `options` would (same custom ids, same bodies), e.g. for `vllm run-batch`; returns the
+    number of lines. Requests with one fingerprint and `n` become one line."""
+    provider = OpenAIBatchProvider(OpenAICompatOptions.model_validate(dict(options)))
+    seen: set[str] = set()
+    with open(path, "wb") as out:
+        for request in requests:
+            cid = custom_id(request_fingerprint(provider.identity, request), request.params.n)
+            if cid not in seen:
+                seen.add(cid)
+                out.write(batch_line(cid, provider._request_body(request)))
+    return len(seen)
+
+
+class BatchResultsFile(Provider):
+    """Answers requests from a batch result file already on disk: the output of `vllm
+    run-batch` over a file `write_batch_file` wrote, or an output file downloaded by hand.
+    Its identity is the endpoint's (`options`), so `run_requests` journals the answers under
+    the keys an online or batch run of that endpoint looks up. A request the file does not
+    answer fails (kind `other`): nothing is sent anywhere."""
+
+    kind = "batch-results"
+
+    def __init__(self, options: Mapping[str, Any], path: str | Path) -> None:
+        self._endpoint = OpenAICompatProvider(OpenAICompatOptions.model_validate(dict(options)))
+        self.path = Path(path)
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any]) -> Self:
+        raise NotImplementedError("built with the endpoint's options and a file path")
+
+    @property
+    def identity(self) -> str:
+        return self._endpoint.identity
+
+    async def complete(self, requests: Iterable[ChatRequest]) -> AsyncIterator[ChatResult]:
+        lines: dict[str, ResultLine] = {}
+        data = await asyncio.to_thread(self.path.read_bytes)
+        for raw in data.splitlines():
+            if raw.strip():
+                line = parse_result_line(raw)
+                lines.setdefault(line.custom_id, line)
+        for request in requests:
+            cid = custom_id(request_fingerprint(self.identity, request), request.params.n)
+            line_of = lines.get(cid)
+            if line_of is None:
+                failure = Failure("other", f"{self.path.name} has no result for {cid}")
+                yield ChatResult(request, failure=failure)
+                continue
+            outcome = outcome_of(line_of)
+            if outcome.failure is not None:
+                yield ChatResult(request, failure=outcome.failure, attempts=1)
+            else:
+                yield ChatResult(request, samples=outcome.samples, usage=outcome.usage, attempts=1)
 
 
 def _never_ran(message: str) -> Failure:
