@@ -2,19 +2,22 @@
 
     build_dataset(config="runs/nightly.yaml", only=["Malicious Use/Security threats"])
 
-Orchestration only. Each task finds its stage output in the workspace by the hash of its inputs
-and reuses it, or runs the stage (whose model requests go through the request journal) and writes
-it. Prefect sees a few tasks per branch, never a single model request; Prefect's own caching is
-off (our keys are exact and cheaper). Whole-task failures are retried by Prefect once.
+Orchestration only. The stages are declared once, in `flows/stages.py` (what each reads, what
+enters its key, what runs it, the tables it writes); `stage_task` is the one task body for all of
+them. Each task finds its stage output in the workspace by the hash of its inputs and reuses it,
+or runs the stage (whose model requests go through the request journal) and writes it. Prefect
+sees a few tasks per branch, never a single model request; Prefect's own caching is off (our keys
+are exact and cheaper). Whole-task failures are retried by Prefect once.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
+import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -23,112 +26,19 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.states import Completed
 
 from flows import progress
-from vlpref import heap, preflight, records, stopping
+from flows.stages import STAGES as STAGE_TABLE
+from vlpref import heap, preflight, stopping
 from vlpref.config import RunConfig, load_config
 from vlpref.errors import BuildError, ConfigError, NothingToPublish
 from vlpref.gctune import throughput_gc
-from vlpref.records import schema_fingerprint
 from vlpref.redact import install_log_redaction, redact
 from vlpref.retry import check_policy, retryable_count
 from vlpref.run_summary import RunSummary, stage_alert, summarize
 from vlpref.scheduling import AnswerBudget
 from vlpref.taxonomy import Subcategory, load_taxonomy
-from vlpref.workspace import StageRef, Workspace, output_id, stage_key
+from vlpref.workspace import StageRef, Workspace, output_id
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "retries": 1, "retry_delay_seconds": 2}
-
-
-def _entry(config: RunConfig, name: str) -> dict[str, Any]:
-    """A model entry as it enters stage keys: with its endpoint's kind and cache namespace (what
-    decides the answers), never the endpoint's URL or credentials."""
-    entries = {m.name: m for m in (*config.models, config.generator, *config.judges)}
-    entry = entries[name]
-    endpoint = config.endpoints[entry.endpoint]
-    # A judge's `rules` enters only when on, so judge keys made before it existed still hold.
-    exclude = {"endpoint", *(["rules"] if getattr(entry, "rules", None) == "off" else [])}
-    return {
-        **entry.model_dump(mode="json", exclude=exclude),
-        "kind": endpoint.get("kind", "openai"),
-        "cache_namespace": endpoint.get("cache_namespace", ""),
-    }
-
-
-def _file_fingerprint(path: Path) -> list[Any]:
-    if path.is_file():
-        stat = path.stat()
-        return [str(path), stat.st_size, stat.st_mtime_ns]
-    if path.is_dir():
-        return [_file_fingerprint(p) for p in sorted(path.rglob("*")) if p.is_file()]
-    return [str(path), "missing"]
-
-
-def images_key(config: RunConfig, leaf: Subcategory) -> str:
-    """The images of a branch depend on its own source (the override that applies to it, or the
-    default) and the normalisation settings; not on other branches' overrides."""
-    from tasks.images import choose_source
-
-    stage = config.stages.images
-    choice = choose_source(leaf, stage)
-    source = choice.source
-    # decode_pixel_budget bounds memory, not what is decoded: it never changes the images.
-    settings = stage.model_dump(mode="json", exclude={"source", "overrides", "decode_pixel_budget"})
-    path = getattr(source, "path", None)
-    local = _file_fingerprint(_base_dir(config) / path) if path else []
-    return stage_key(
-        "images",
-        _columns("images"),
-        leaf.path,
-        leaf.keywords,
-        leaf.key_phrase,
-        source.model_dump(mode="json"),
-        choice.exact,  # decides a folder source's layout
-        settings,
-        local,
-    )
-
-
-STAGE_SCHEMAS = {
-    "images": (records.IMAGES,),
-    "questions": (records.QUESTIONS,),
-    "responses": (records.RESPONSES,),
-    "judge": (records.JUDGMENTS,),
-    "pairs": (records.PAIRS, records.RANKINGS),
-}
-
-
-def _columns(stage: str) -> Any:
-    """The columns a stage writes (its tables' and the failures'), as they enter its key."""
-    return schema_fingerprint(*STAGE_SCHEMAS[stage], records.FAILURES)
-
-
-def _base_dir(config: RunConfig) -> Path:
-    return Path(config.source_file).resolve().parent if config.source_file else Path.cwd()
-
-
-def _guard_templates(config: RunConfig) -> list[str]:
-    """The templates of the guard protocols the judges speak (read only when used, so a
-    `prompts_dir` made before they existed still works)."""
-    from vlpref.protocols import GUARDS
-
-    specs = (GUARDS.get(j.protocol) for j in config.judges)
-    names = {s.template for s in specs if s is not None and s.template}
-    if any(j.cascade_band for j in config.judges):
-        names.add("judge_safety_reasoning")  # the cascade's reasoning calls
-    if any(j.rules != "off" for j in config.judges):
-        names.add("judge_rule")  # one call per (response, rule)
-    return sorted(names)
-
-
-def _judge_rules(config: RunConfig, leaf: Subcategory) -> list[str]:
-    """The branch's rules in the judge stage's key, only when a judge asks them: adding rules to
-    a taxonomy rebuilds the judgments of the judges that use them, and nothing else."""
-    return list(leaf.rules) if any(j.rules != "off" for j in config.judges) else []
-
-
-def _prompts(config: RunConfig, *names: str) -> dict[str, str]:
-    from vlpref.prompts import load_prompt
-
-    return {n: load_prompt(n, config.prompts_dir).version for n in names}
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,178 +123,76 @@ def _outcome(ref: StageRef, config: RunConfig) -> StageRef:
     return cast(StageRef, state)  # Prefect makes a returned state the task's final state
 
 
-@task(name="images", **TASK_OPTIONS)
-def images_task(config: RunConfig, leaf: Subcategory) -> StageRef:
-    from tasks.images import collect_images
+class _WorkspaceInputs:
+    """The tables of the stages a stage reads, from the workspace, read when asked."""
 
-    workspace, started = Workspace(config.workspace), time.perf_counter()
-    key = images_key(config, leaf)
-    previous = _reuse_or_run(workspace, config, "images", leaf.branch_id, key)
-    if previous.reuse:
-        return _outcome(previous.reuse, config)
-    output = collect_images(leaf, config.stages.images, base_dir=_base_dir(config))
-    return _finish(workspace, config, output, key, {"images": output.rows}, started, previous)
+    def __init__(self, workspace: Workspace, refs: Mapping[str, StageRef]) -> None:
+        self.workspace, self.refs = workspace, refs
+
+    def table(self, stage: str, name: str) -> pa.Table:
+        return self.workspace.read(self.refs[stage], name)
 
 
-@task(name="questions", **TASK_OPTIONS)
-def questions_task(config: RunConfig, leaf: Subcategory, images: StageRef) -> StageRef:
-    from tasks.questions import generate_questions
-
-    workspace, started = Workspace(config.workspace), time.perf_counter()
-    key = stage_key(
-        "questions",
-        _columns("questions"),
-        images.output_id,
-        _entry(config, config.generator.name),
-        config.stages.questions.model_dump(mode="json"),
-        _prompts(config, "caption", "questions"),
-    )
-    previous = _reuse_or_run(workspace, config, "questions", leaf.branch_id, key)
-    if previous.reuse:
-        return _outcome(previous.reuse, config)
-    with workspace.journal("questions", leaf.branch_id) as journal:
-        output = generate_questions(leaf, workspace.read(images, "images"), config, journal)
-    return _finish(workspace, config, output, key, {"questions": output.rows}, started, previous)
-
-
-@task(name="responses", **TASK_OPTIONS)
-def responses_task(
-    config: RunConfig, leaf: Subcategory, images: StageRef, questions: StageRef
+@task(name="stage", **TASK_OPTIONS)
+def stage_task(
+    name: str, config: RunConfig, leaf: Subcategory, refs: dict[str, StageRef]
 ) -> StageRef:
-    from tasks.responses import collect_responses
-
+    """One stage of one branch (`flows/stages.py: STAGES[name]`): reuse its output for its key,
+    or run it (its requests through the branch's journal for the stage) and write it."""
+    stage = STAGE_TABLE[name]
     workspace, started = Workspace(config.workspace), time.perf_counter()
-    key = stage_key(
-        "responses",
-        _columns("responses"),
-        questions.output_id,
-        [_entry(config, m.name) for m in config.models],
-        _prompts(config, "response"),
-    )
-    previous = _reuse_or_run(workspace, config, "responses", leaf.branch_id, key)
+    key = stage.key(config, leaf, refs)
+    previous = _reuse_or_run(workspace, config, name, leaf.branch_id, key)
     if previous.reuse:
         return _outcome(previous.reuse, config)
-    with workspace.journal("responses", leaf.branch_id) as journal:
-        output = collect_responses(
-            leaf.branch_id,
-            workspace.read(questions, "questions"),
-            workspace.read(images, "images"),
-            config,
-            journal,
-        )
-    return _finish(workspace, config, output, key, {"responses": output.rows}, started, previous)
-
-
-def _aggregate(config: RunConfig) -> list[str]:
-    """The judges' aggregation in a stage key, only when not the default `mean` (so that keys
-    written before the option existed stay valid)."""
-    aggregate = config.stages.judge.aggregate
-    return [] if aggregate == "mean" else [f"aggregate={aggregate}"]
-
-
-def _judge_settings(config: RunConfig) -> dict[str, Any]:
-    exclude = {"aggregate"} if config.stages.judge.aggregate == "mean" else None
-    return config.stages.judge.model_dump(mode="json", exclude=exclude)
-
-
-@task(name="judge", **TASK_OPTIONS)
-def judge_task(
-    config: RunConfig, leaf: Subcategory, images: StageRef, questions: StageRef, responses: StageRef
-) -> StageRef:
-    from tasks.judge import judge_responses
-
-    workspace, started = Workspace(config.workspace), time.perf_counter()
-    key = stage_key(
-        "judge",
-        _columns("judge"),
-        responses.output_id,
-        [_entry(config, j.name) for j in config.judges],
-        _judge_settings(config),
-        config.stages.pairs.model_dump(mode="json"),  # candidate pairs follow the policy
-        _prompts(
-            config, "judge_safety", "judge_rating", "judge_pairwise", *_guard_templates(config)
-        ),
-        *([rules] if (rules := _judge_rules(config, leaf)) else []),
-    )
-    previous = _reuse_or_run(workspace, config, "judge", leaf.branch_id, key)
-    if previous.reuse:
-        return _outcome(previous.reuse, config)
-    with workspace.journal("judge", leaf.branch_id) as journal:
-        output = judge_responses(
-            leaf.branch_id,
-            workspace.read(questions, "questions"),
-            workspace.read(responses, "responses"),
-            workspace.read(images, "images"),
-            config,
-            journal,
-            rules=leaf.rules,
-        )
-    return _finish(workspace, config, output, key, {"judgments": output.rows}, started, previous)
-
-
-@task(name="pairs", **TASK_OPTIONS)
-def pairs_task(
-    config: RunConfig, leaf: Subcategory, questions: StageRef, responses: StageRef, judge: StageRef
-) -> StageRef:
-    from tasks.pairs import select_branch_pairs
-
-    workspace, started = Workspace(config.workspace), time.perf_counter()
-    key = stage_key(
-        "pairs",
-        _columns("pairs"),
-        judge.output_id,
-        config.stages.pairs.model_dump(mode="json"),
-        *_aggregate(config),
-    )
-    previous = _reuse_or_run(workspace, config, "pairs", leaf.branch_id, key)
-    if previous.reuse:
-        return _outcome(previous.reuse, config)
-    output, rankings = select_branch_pairs(
-        leaf.branch_id,
-        workspace.read(questions, "questions"),
-        workspace.read(responses, "responses"),
-        workspace.read(judge, "judgments"),
-        config,
-    )
-    tables = {"pairs": output.rows, "rankings": rankings}
+    inputs = _WorkspaceInputs(workspace, refs)
+    if stage.journaled:
+        with workspace.journal(name, leaf.branch_id) as journal:
+            output, tables = stage.run(config, leaf, inputs, journal, None)
+    else:
+        output, tables = stage.run(config, leaf, inputs, None, None)
     return _finish(workspace, config, output, key, tables, started, previous)
+
+
+def _submit(
+    name: str,
+    config: RunConfig,
+    leaf: Subcategory,
+    futures: Mapping[str, PrefectFuture[StageRef]],
+) -> PrefectFuture[StageRef]:
+    """Submit a stage of a branch; Prefect hands it the results of the futures of its inputs."""
+    refs = {i: _after(futures[i]) for i in STAGE_TABLE[name].inputs}
+    task_ = stage_task.with_options(name=f"{name}/{leaf.branch_id}")
+    return task_.submit(name, config, leaf, refs)
 
 
 def submit_preparation(config: RunConfig, leaf: Subcategory) -> dict[str, PrefectFuture[StageRef]]:
     """Submit a branch's images and questions: the cheap half of its chain, which tells how
     large the rest will be. Futures carry the dependencies (Prefect hands each task the result of
     the futures it is given)."""
-    b = leaf.branch_id
-    images = images_task.with_options(name=f"images/{b}").submit(config, leaf)
-    questions = questions_task.with_options(name=f"questions/{b}").submit(
-        config, leaf, _after(images)
-    )
-    return {"images": images, "questions": questions}
+    futures: dict[str, PrefectFuture[StageRef]] = {}
+    for name in PREPARATION:
+        futures[name] = _submit(name, config, leaf, futures)
+    return futures
 
 
 def submit_answers(
     config: RunConfig, leaf: Subcategory, prepared: dict[str, PrefectFuture[StageRef]]
 ) -> dict[str, PrefectFuture[StageRef]]:
     """Submit the rest of a prepared branch's chain: responses, judge, pairs."""
-    b = leaf.branch_id
-    images, questions = _after(prepared["images"]), _after(prepared["questions"])
-    responses = responses_task.with_options(name=f"responses/{b}").submit(
-        config, leaf, images, questions
-    )
-    judge = judge_task.with_options(name=f"judge/{b}").submit(
-        config, leaf, images, questions, _after(responses)
-    )
-    pairs = pairs_task.with_options(name=f"pairs/{b}").submit(
-        config, leaf, questions, _after(responses), _after(judge)
-    )
-    return {**prepared, "responses": responses, "judge": judge, "pairs": pairs}
+    futures = dict(prepared)
+    for name in STAGES:
+        if name not in futures:
+            futures[name] = _submit(name, config, leaf, futures)
+    return futures
 
 
 def _after(future: PrefectFuture[StageRef]) -> StageRef:
     return cast(StageRef, future)
 
 
-STAGES = ("images", "questions", "responses", "judge", "pairs")
+STAGES = tuple(STAGE_TABLE)  # the stage names, in the order they run
+PREPARATION = STAGES[:2]  # images, questions: the cheap half of a branch (run_branches)
 
 
 def branch_size(config: RunConfig, questions: PrefectFuture[StageRef]) -> int:
