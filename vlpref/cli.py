@@ -458,6 +458,39 @@ def rules_draft(
         _warning(f"no rules drafted for {path}: {why}")
 
 
+@app.command("plan")
+def plan(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="taxonomy path prefix `run --only` would build (repeatable)"),
+    ] = None,
+    by_branch: Annotated[
+        bool, typer.Option("--by-branch", help="one row per branch as well as per stage and model")
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the plan as JSON to this file")
+    ] = None,
+) -> None:
+    """Say what `vlpref run` would send, per stage and model, without sending anything: requests
+    the journal answers, requests to send (exact), requests that depend on answers not known yet
+    (an upper bound, marked <=), estimated tokens, and the cost where models have a `price`."""
+    import json
+
+    from flows.plan import plan_run
+    from vlpref.config import load_config
+    from vlpref.plan_report import print_plan
+    from vlpref.preflight import check as preflight_check
+
+    cfg = load_config(config)
+    preflight_check(cfg, network=False, warn=_warning, local=True, only=only or None)
+    result = plan_run(cfg, only or None)
+    print_plan(result, by_branch=by_branch, console=Console())
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+        console.print(f"plan written to {json_out}", highlight=False)
+
+
 @app.command("check")
 def check(
     config: Annotated[Path, typer.Argument(help="run config YAML")],
@@ -613,6 +646,15 @@ class _NoTracebackWhenExpected(logging.Filter):
         if record.exc_info and _expected(record.exc_info[1]):
             record.exc_info, record.exc_text = None, None
         return True
+
+
+# Commands defined in their own packages (each imports this module for the shared helpers; they
+# are registered here, after those helpers exist).
+from vlpref.export.command import export as _export  # noqa: E402
+from vlpref.report_html.command import report as _report  # noqa: E402
+
+app.command("export")(_export)
+app.command("report")(_report)
 
 
 def main() -> None:

@@ -113,13 +113,34 @@ class SamplingConfig(_Strict):
         return SamplingParams(**self.model_dump())
 
 
+class Price(_Strict):
+    """What a model's tokens cost, in the currency of your choice per million tokens (for `vlpref
+    plan` and `budget: cost`). `cached_input_per_mtok` prices prompt tokens a provider reports as
+    served from its prompt cache (default: the input price)."""
+
+    input_per_mtok: float = Field(ge=0, le=1e6)
+    output_per_mtok: float = Field(ge=0, le=1e6)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0, le=1e6)
+
+
+PLAN_ONLY_FIELDS = ("price", "image_tokens")
+"""Model entry fields that inform plans and budgets only: never in a stage key or config hash."""
+
+
 class ModelEntry(_Strict):
-    """A model as the dataset names it (`name`) and as its endpoint serves it (`model`)."""
+    """A model as the dataset names it (`name`) and as its endpoint serves it (`model`).
+
+    `price` and `image_tokens` only inform the plan and budgets: they never change an answer, so
+    they never enter a stage key. `image_tokens`: the prompt tokens one image costs this model
+    (e.g. 576 for LLaVA-1.5); unset, the plan uses its provider kind's documented rule
+    (vlpref/planning.py)."""
 
     name: Name
     endpoint: Name
     model: str = Field(min_length=1)
     sampling: SamplingConfig = SamplingConfig()
+    price: Price | None = None
+    image_tokens: int | None = Field(default=None, ge=1, le=100_000)
 
 
 Structured = Literal["auto", "json_schema", "choice", "off"]
@@ -376,6 +397,23 @@ class JudgeEvalConfig(_Strict):
     target_fpr: float = Field(default=0.05, ge=0, le=1)
 
 
+class BudgetLimits(_Strict):
+    """Limits on what is sent: requests, tokens (prompt + completion, as the endpoint bills
+    them) and cost (by the models' `price`). Unset: no limit."""
+
+    requests: int | None = Field(default=None, ge=1, le=10**12)
+    tokens: int | None = Field(default=None, ge=1, le=10**15)
+    cost: float | None = Field(default=None, gt=0, le=1e12)
+
+
+class Budget(BudgetLimits):
+    """`budget:`: limits for the whole run, and per model or judge by its `name` (`per_model`).
+    At a limit the run stops sending, lets the requests in flight finish into the journal,
+    publishes nothing, and says what was spent (vlpref/budget.py)."""
+
+    per_model: dict[Name, BudgetLimits] = Field(default_factory=dict, max_length=MAX_MODELS + 17)
+
+
 class RunConfig(_Strict):
     name: Name
     taxonomy: str
@@ -432,6 +470,8 @@ class RunConfig(_Strict):
         "this-many sent requests all failed alike for a reason retrying cannot heal; 0: never",
     )
     source_file: str | None = Field(default=None, exclude=True)
+    # Operational too: a budget limits what one run sends, never what a version holds.
+    budget: Budget = Budget()
 
     @field_validator("taxonomy")
     @classmethod
@@ -483,22 +523,26 @@ class RunConfig(_Strict):
 
     def content_hash(self) -> str:
         """Hash of everything that shapes the dataset (not where files live)."""
-        payload = self.model_dump(
-            mode="json",
-            exclude={
-                "workspace",
-                "store",
-                "only",
-                "parallel_branches",
-                "responses_in_flight",
-                "preflight",
-                "early_stop_after",
-                "retry_failed",
-                "warn_failure_rate",
-                "source_file",
-                "judge_eval",
-            },
+        plan_only = set(PLAN_ONLY_FIELDS)  # price and image_tokens shape no row
+        operational = (
+            "workspace",
+            "store",
+            "only",
+            "parallel_branches",
+            "responses_in_flight",
+            "preflight",
+            "early_stop_after",
+            "retry_failed",
+            "warn_failure_rate",
+            "source_file",
+            "judge_eval",
+            "budget",
         )
+        exclude: dict[str, Any] = {name: True for name in operational}
+        exclude.update(
+            models={"__all__": plan_only}, generator=plan_only, judges={"__all__": plan_only}
+        )
+        payload = self.model_dump(mode="json", exclude=exclude)
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

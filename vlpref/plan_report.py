@@ -1,0 +1,64 @@
+"""The console view of a plan (`vlpref plan`): per stage and model, then the totals."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from flows.plan import Plan
+    from vlpref.planning import Line
+
+
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.4f}"
+
+
+def _row(plan: Plan, line: Line, *, branch: bool) -> list[str]:
+    status = "reused" if line.reused else ""
+    bound = f"<= {line.bound:,}" if line.bound else "0"
+    cells = [line.stage, *([line.branch] if branch else []), line.model, status]
+    return [
+        *cells,
+        f"{line.from_journal:,}",
+        f"{line.to_send:,}",
+        bound,
+        f"{line.prompt_tokens:,}",
+        f"{line.completion_tokens:,}",
+        _money(plan.cost_of(line)),
+    ]
+
+
+def print_plan(plan: Plan, *, by_branch: bool = False, console: Console | None = None) -> None:
+    """The plan as a table, then one line of totals and what the columns mean."""
+    console = console or Console()
+    by = ("stage", "branch", "model") if by_branch else ("stage", "model")
+    table = Table(title=f"plan: {plan.config} ({plan.branches} branch(es))", title_justify="left")
+    for name in ("stage", *(["branch"] if by_branch else []), "model", ""):
+        table.add_column(name)
+    for name in ("journal", "to send", "depends", "prompt tok", "completion tok", "cost"):
+        table.add_column(name, justify="right")
+    order = {"images": 0, "questions": 1, "responses": 2, "judge": 3, "pairs": 4}
+    for line in sorted(plan.totals(by), key=lambda x: (order.get(x.stage, 9), x.branch, x.model)):
+        table.add_row(*_row(plan, line, branch=by_branch))
+    console.print(table)
+    data = plan.to_json()
+    req = data["requests"]
+    cost = data["cost"]
+    priced = ", ".join(data["priced_models"]) or "none"
+    console.print(
+        f"requests: {req['to_send']:,} to send, up to {req['bound']:,} more that depend on answers "
+        f"not known yet, {req['from_journal']:,} answered by the journal; tokens (estimated): "
+        f"{data['tokens']['prompt']:,} prompt, {data['tokens']['completion']:,} completion; "
+        f"cost: {_money(cost)} (models with a price: {priced})",
+        highlight=False,
+    )
+    console.print(
+        "'depends': an upper bound (questions from captions not yet written, calls on responses "
+        "not yet answered, pairwise and reasoning calls that follow verdicts to come); re-asks "
+        "of unreadable answers and provider retries are not counted.",
+        highlight=False,
+        style="dim",
+    )
