@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv test lint typecheck unit demo clean bench bench-peers bench-scale test-vllm
+.PHONY: venv test lint typecheck unit demo clean bench bench-peers bench-scale test-vllm test-trainers
 
 venv: $(STAMP)
 
@@ -53,6 +53,21 @@ $(VLLM_STAMP): pyproject.toml .ci/vllm_venv.py
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python tests_vllm/build_tiny_model.py $(TINY_VLM)
 	VLPREF_TINY_VLM=$(TINY_VLM) $(VLLM_VENV)/bin/python -m pytest -c tests_vllm/pytest.ini --rootdir . --durations=5 tests_vllm
+
+# The trainers tier: TRL (CPU torch from the local wheel) in its own environment loads a TRL
+# export of a freshly built version and runs its vision collator and two DPO steps on a tiny
+# random model (.ci/trainers_venv.py says what it holds and why).
+TRAINERS_VENV  := .venv-trainers
+TRAINERS_STAMP := $(TRAINERS_VENV)/.installed-$(shell cat pyproject.toml .ci/trainers_venv.py | cksum | cut -d' ' -f1)
+
+$(TRAINERS_STAMP): pyproject.toml .ci/trainers_venv.py
+	@test -n "$(PYTHON)" || { echo "error: python3.11 not found" >&2; exit 1; }
+	$(PYTHON) .ci/trainers_venv.py $(TRAINERS_VENV)
+	rm -f $(TRAINERS_VENV)/.installed-*
+	touch $@
+
+test-trainers: $(TRAINERS_STAMP)
+	$(TRAINERS_VENV)/bin/python -m pytest -c tests_trainers/pytest.ini --rootdir . tests_trainers
 
 # Client throughput against the simulated server, written to bench/results/YYYY-MM-DD-client.md.
 # Not part of `make test`. bench-peers adds curator and distilabel, each in a venv of its own

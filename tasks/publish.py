@@ -739,11 +739,14 @@ def dataset_card(manifest: Mapping[str, Any]) -> str:
     for key in ("version_id", "created_at", "parent"):
         value = manifest.get(key)
         lines.append(f"- {key}: `{value}`" if value else f"- {key}: none")
+    if "report.html" in manifest.get("files", {}):  # written before the card (Store.publish)
+        lines += [
+            "",
+            "The [version report](report.html) (one self-contained HTML file in this folder) "
+            "shows unsafe rates per model and category, win rates, score distributions, counts "
+            "per stage and a gallery of pairs beside their images.",
+        ]
     lines += [
-        "",
-        "The [version report](report.html) (one self-contained HTML file in this folder) shows "
-        "unsafe rates per model and category, win rates, score distributions, counts per stage "
-        "and a gallery of pairs beside their images.",
         "",
         "## Loading",
         "",
