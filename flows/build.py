@@ -27,7 +27,7 @@ from prefect.states import Completed
 
 from flows import progress
 from flows.stages import STAGES as STAGE_TABLE
-from vlpref import heap, preflight, stopping
+from vlpref import budget, heap, preflight, stopping
 from vlpref.config import RunConfig, load_config
 from vlpref.errors import BuildError, ConfigError, NothingToPublish
 from vlpref.gctune import throughput_gc
@@ -259,6 +259,7 @@ def build_dataset(
 
     install_log_redaction()  # keys never reach a log record, Prefect's API logs included
     stopping.reset()  # an earlier run in this process may have been interrupted
+    budget.reset()  # ... or have spent its own budget
     run_config = load_config(config)
     if retry_failed is not None:
         run_config = run_config.model_copy(update={"retry_failed": check_policy(retry_failed)})
@@ -279,6 +280,9 @@ def build_dataset(
                 # Redacted: the cause becomes the flow's state message and the artifact.
                 failed.append(f"{branch_id}: {type(exc).__name__}: {redact(str(exc))}")
         summary = _report(run_config, leaves, refs, failed)
+        spent = budget.reached(run_config)
+        if spent is not None:  # before publishing: a version is never partial
+            raise budget.BudgetReached(spent.summary())
         if failed:
             raise BuildError(failed, workspace=run_config.workspace)
         if selected is None and not any(r["pairs"].counts.get("pairs") for r in refs.values()):

@@ -15,10 +15,20 @@ from vlpref.service import ModelService
 def provider_for(
     config: RunConfig, entry: ModelEntry, service: ModelService | None = None
 ) -> Provider:
+    """The provider that asks `entry`'s endpoint; under the run's `budget:` (vlpref/budget.py)
+    when it has limits."""
+    from vlpref.budget import guard_for
+
     service = service or ModelService.shared()
-    return service.provider(
+    provider = service.provider(
         config.endpoints[entry.endpoint], early_stop_after=config.early_stop_after
     )
+    guard = guard_for(config) if service.applies_budget else None
+    if guard is None:
+        return provider
+    wrapped = guard.wrap(provider, entry.name)
+    service.alias(wrapped, provider)
+    return wrapped
 
 
 def image_part(row: Mapping[str, Any]) -> ImagePart:

@@ -247,6 +247,8 @@ class PlanningService(ModelService):
     """A model service that never sends (module docstring). Not journaled: `run` passes no
     journal writes through, since placeholder answers must never be recorded as answers."""
 
+    applies_budget = False
+
     def __init__(self, config: RunConfig, recorder: Recorder) -> None:
         super().__init__()
         self.config = config

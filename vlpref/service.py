@@ -114,6 +114,8 @@ def warn(message: str) -> None:
 
 
 class ModelService:
+    applies_budget = True  # a planning service never sends, so no budget applies to it
+
     """Providers keyed by their endpoint options, living on one background event loop."""
 
     _shared: ModelService | None = None
@@ -153,6 +155,13 @@ class ModelService:
             if early_stop_after is not None:
                 self._early_stop[id(provider)] = early_stop_after
             return provider
+
+    def alias(self, wrapper: Provider, inner: Provider) -> None:
+        """Treat `wrapper` (a provider wrapping one of this service's, e.g. under a budget) as
+        `inner` for the early-stop settings."""
+        with self._lock:
+            if id(inner) in self._early_stop:
+                self._early_stop[id(wrapper)] = self._early_stop[id(inner)]
 
     def run(
         self,
