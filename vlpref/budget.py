@@ -21,7 +21,7 @@ each worker process enforces the limits on its own share (the README's scale-out
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -123,7 +123,11 @@ class BudgetGuard:
         key = (id(provider), name)
         with self._lock:
             if key not in self._wrappers:
-                self._wrappers[key] = Budgeted(provider, self, name)
+                batch = hasattr(provider, "complete_resumable") and hasattr(
+                    provider, "chunk_requests"
+                )
+                kind = BudgetedBatch if batch else Budgeted
+                self._wrappers[key] = kind(provider, self, name)
             return self._wrappers[key]
 
     def summary(self) -> str:
@@ -183,6 +187,35 @@ class Budgeted(Provider):
 
     async def aclose(self) -> None:
         """The inner provider belongs to the model service, which closes it."""
+
+
+class BudgetedBatch(Budgeted):
+    """A batch API's provider under a budget: a request is admitted when it would go into a
+    batch file (the moment it is paid for), and the provider's resume and chunking hooks
+    (vlpref/providers/openai_batch.py) pass through, so a killed run still resumes its batches."""
+
+    def __init__(self, inner: Provider, guard: BudgetGuard, name: str) -> None:
+        super().__init__(inner, guard, name)
+        self.chunk_requests = getattr(inner, "chunk_requests")  # noqa: B009 - checked by wrap
+
+    async def complete_resumable(
+        self, requests: Sequence[ChatRequest], state: str | None
+    ) -> AsyncIterator[ChatResult]:
+        admitted: list[ChatRequest] = []
+        held: list[tuple[ChatRequest, str]] = []
+        for request in requests:
+            limit = self.guard.admit(self.name)
+            if limit is None:
+                admitted.append(request)
+            else:
+                held.append((request, limit))
+        if admitted:
+            async for result in self.inner.complete_resumable(admitted, state):  # type: ignore[attr-defined]
+                self.guard.record(self.name, result)
+                yield result
+        for request, limit in held:
+            message = f"budget: {limit} reached; not sent (a rerun with a larger budget asks it)"
+            yield ChatResult(request, failure=Failure("stopped", message))
 
 
 _lock = threading.Lock()

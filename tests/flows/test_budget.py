@@ -103,3 +103,23 @@ def test_a_token_budget_overshoots_by_at_most_the_requests_in_flight(
     # Admitted while under the limit: the requests in flight (one per slot), plus one answer
     # the provider had finished but the budget had not yet billed.
     assert tokens - limit <= (concurrency + 1) * most, (tokens, limit, most)
+
+
+def test_a_budget_holds_in_batch_mode_and_the_rerun_completes_it(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    """Batch mode under a budget: requests are admitted as they go into a batch file, so the
+    batches hold exactly the budget; the rerun with a larger one submits only the rest."""
+    batch = {"mode": "batch", "batch_poll_s": 0.05, "batch_poll_max_s": 0.2}
+    with SimServer(SIM) as sim:
+        build_dataset(str(_config(tmp_path / "clean", sim.base_url, endpoint=batch)))
+        clean = sim.counters()["batch"]["lines"]
+        sim.reset()
+        limited = _config(tmp_path / "b", sim.base_url, endpoint=batch, budget={"requests": 20})
+        with pytest.raises(BudgetReached, match=r"budget reached \(requests 20\)"):
+            build_dataset(str(limited))
+        assert sim.counters()["batch"]["lines"] == 20
+        sim.reset()
+        build_dataset(str(_config(tmp_path / "b", sim.base_url, endpoint=batch)))
+        assert sim.counters()["batch"]["lines"] == clean - 20
+        assert sim.counters()["total"] == 0  # nothing went online
