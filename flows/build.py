@@ -249,12 +249,16 @@ def run_branches(
 
 @flow(name="build-dataset", log_prints=True)
 def build_dataset(
-    config: str, only: list[str] | None = None, retry_failed: str | None = None
+    config: str,
+    only: list[str] | None = None,
+    retry_failed: str | None = None,
+    plan: bool = False,
 ) -> str:
     """Build one dataset version from the run config at `config` (a path); `only` limits the run
     to taxonomy path prefixes; `retry_failed` (transient, all, none) overrides the config's
-    choice of which failures of finished stage outputs are asked for again. Returns the new
-    version's id."""
+    choice of which failures of finished stage outputs are asked for again; `plan` first works
+    out what the run will send (`vlpref plan`, no request) and keeps it in the manifest beside
+    what was sent. Returns the new version's id."""
     from flows.publish import publish_version
 
     install_log_redaction()  # keys never reach a log record, Prefect's API logs included
@@ -269,6 +273,12 @@ def build_dataset(
         raise ConfigError("`only` is empty: name at least one taxonomy path prefix to rebuild")
     leaves = taxonomy.select(selected)
     preflight.before_build(run_config)  # keys, endpoints, model ids: before anything is paid for
+    planned = None
+    if plan:
+        from flows.plan import plan_run
+
+        planned = plan_run(run_config, selected).by_stage()
+        get_run_logger().info("plan: %s", planned)
     with throughput_gc(), heap.system_arrow_pool():
         branches = run_branches(run_config, leaves)
         refs: dict[str, dict[str, StageRef]] = {}
@@ -287,7 +297,7 @@ def build_dataset(
             raise BuildError(failed, workspace=run_config.workspace)
         if selected is None and not any(r["pairs"].counts.get("pairs") for r in refs.values()):
             raise NothingToPublish(_nothing_to_publish(summary))
-        return publish_version(run_config, taxonomy, leaves, refs, only=selected)
+        return publish_version(run_config, taxonomy, leaves, refs, only=selected, plan=planned)
 
 
 def _nothing_to_publish(summary: RunSummary) -> str:

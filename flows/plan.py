@@ -70,6 +70,17 @@ class Plan:
             out[key].reused = out[key].reused and line.reused
         return list(out.values())
 
+    def by_stage(self) -> dict[str, dict[str, int]]:
+        """stage -> {from_journal, to_send, bound}: what the manifest keeps of a plan."""
+        return {
+            line.stage: {
+                "from_journal": line.from_journal,
+                "to_send": line.to_send,
+                "bound": line.bound,
+            }
+            for line in self.totals(by=("stage",))
+        }
+
     def cost_of(self, line: Line) -> float | None:
         return cost(line, self.entries.get(line.model))
 

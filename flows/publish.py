@@ -298,8 +298,10 @@ def publish_version(
     leaves: list[Subcategory],
     refs: dict[str, dict[str, StageRef]],
     only: list[str] | None = None,
+    plan: dict[str, dict[str, int]] | None = None,
 ) -> str:
-    """Publish the branches of this run, sharing what the parent version already has."""
+    """Publish the branches of this run, sharing what the parent version already has; `plan`
+    (what the run planned to send, per stage) is kept in the manifest when given."""
     workspace = Workspace(config.workspace)
     store = Store(config.store)
     latest = store.latest()
@@ -377,6 +379,7 @@ def publish_version(
             "counts": dict(sum((Counter(b["rows"]) for b in branches.values()), Counter())),
             "model_safety": model_safety(branches),
             "judge_agreement": judge_agreement(branches, [j.name for j in config.judges]),
+            **({"plan": plan} if plan is not None else {}),
         }
 
     info_ = store.publish(

@@ -80,6 +80,14 @@ def run(
             "no chat request); --no-preflight skips it for this run",
         ),
     ] = True,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="first work out what the run will send (as `vlpref plan`), and show it beside "
+            "what was sent at the end (kept in the manifest)",
+        ),
+    ] = False,
 ) -> None:
     """Build a new dataset version (one Prefect flow run)."""
     import time
@@ -109,7 +117,7 @@ def run(
     chosen = task_runner(runner, workers=workers, address=address)
     with skipped():
         version_id = _run_with_progress(
-            str(config), only or None, len(leaves), chosen, retry_failed=retry_failed
+            str(config), only or None, len(leaves), chosen, retry_failed=retry_failed, plan=plan
         )
     print_summary(str(config), version_id, time.perf_counter() - started, console=Console())
 
@@ -121,6 +129,7 @@ def _run_with_progress(
     runner: Any,
     *,
     retry_failed: str | None = None,
+    plan: bool = False,
 ) -> str:
     """Run the flow with progress bars. The run summary the flow hands over is printed when
     the run fails (a run that succeeds prints it with the version's summary)."""
@@ -152,7 +161,7 @@ def _run_with_progress(
         unsubscribe = progress.subscribe(advance)
         unsubscribe_summary = progress.subscribe_summary(summaries.append)
         try:
-            return build_dataset.with_options(task_runner=runner)(config, only, retry_failed)
+            return build_dataset.with_options(task_runner=runner)(config, only, retry_failed, plan)
         except BaseException:
             from vlpref.report import print_run_summary
             from vlpref.run_summary import RunSummary

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -62,3 +63,35 @@ def print_plan(plan: Plan, *, by_branch: bool = False, console: Console | None =
         highlight=False,
         style="dim",
     )
+
+
+def planned_vs_sent(manifest: Mapping[str, Any]) -> list[tuple[str, int, int, int]]:
+    """(stage, planned to send, planned bound, sent) for a version whose run was planned
+    (`vlpref run --plan`): what this run sent is the requests of the stage outputs it computed
+    (a reused output sent nothing in this run)."""
+    plan = manifest.get("plan")
+    if not plan:
+        return []
+    sent: dict[str, int] = {}
+    for branch in manifest.get("branches", {}).values():
+        if branch.get("status") == "shared":
+            continue
+        for stage, info in branch.get("stages", {}).items():
+            if not info.get("reused"):
+                sent[stage] = sent.get(stage, 0) + int(info["counts"].get("requests_sent", 0))
+    return [
+        (stage, int(p["to_send"]), int(p["bound"]), sent.get(stage, 0))
+        for stage, p in plan.items()
+    ]
+
+
+def print_planned_vs_sent(manifest: Mapping[str, Any], console: Console) -> None:
+    rows = planned_vs_sent(manifest)
+    if not rows:
+        return
+    table = Table(title="requests: planned before the run, and sent", title_justify="left")
+    for name in ("stage", "planned", "depends (<=)", "sent"):
+        table.add_column(name, justify="left" if name == "stage" else "right")
+    for stage, exact, bound, sent in rows:
+        table.add_row(stage, f"{exact:,}", f"{bound:,}", f"{sent:,}")
+    console.print(table)

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlpref.config import load_config
+from vlpref.plan_report import print_planned_vs_sent
 from vlpref.report_html import REPORT_NAME
 from vlpref.run_summary import RunSummary, summarize
 from vlpref.store import Store, Version
@@ -66,6 +67,7 @@ def print_summary(
     print_run_summary(
         summarize(counts, [failures], threshold=config.warn_failure_rate), console=console
     )
+    print_planned_vs_sent(manifest, console)
     if server_counters is not None:
         console.print(f"requests that reached the simulated server: {server_counters.get('total')}")
     print_report_path(version, console)

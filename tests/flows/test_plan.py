@@ -150,3 +150,20 @@ def test_the_plan_command_prints_and_writes_json(tmp_path: Path) -> None:
     assert abs(plan["cost"] - expected) < 1e-9
     assert plan["priced_models"] == ["judge"]
     assert not (tmp_path / "ws").exists()
+
+
+def test_a_planned_run_keeps_planned_and_sent_in_its_manifest(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    from vlpref.plan_report import planned_vs_sent
+    from vlpref.store import Store
+
+    with SimServer(SIM) as sim:
+        config = _config(tmp_path, sim.base_url, ["refuser", "jailbroken"])
+        version = Store(str(tmp_path / "store")).open(build_dataset(str(config), plan=True))
+        total = sim.counters()["total"]
+    rows = planned_vs_sent(version.manifest)
+    assert [stage for stage, *_ in rows] == ["questions", "responses", "judge"]
+    for stage, exact, bound, sent in rows:
+        assert exact <= sent <= exact + bound, (stage, exact, bound, sent)
+    assert sum(sent for *_, sent in rows) == total
