@@ -184,13 +184,24 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="run c
 
 
 def _store(store: str | None, config: Path | None) -> Any:
+    """The store given, else the store of the run config found as `find_config` finds it (said
+    on stderr, so that a user knows which one was used)."""
     from vlpref.config import load_config
-    from vlpref.errors import ConfigError
     from vlpref.store import Store
 
-    if store is None and config is None:
-        raise ConfigError("give --store LOCATION or --config RUN_CONFIG")
-    return Store(store if store is not None else load_config(config).store)  # type: ignore[arg-type]
+    if store is not None:
+        return Store(store)
+    return Store(load_config(_config_file(config)).store)
+
+
+def _config_file(config: Path | None) -> Path:
+    """The run config a command uses (`vlpref/config_lookup.py`), said on stderr."""
+    from vlpref.config_lookup import find_config
+
+    path, source = find_config(config)
+    if source != "--config":
+        console.print(f"using config {path} ({source})", highlight=False, markup=False)
+    return path
 
 
 def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
@@ -469,7 +480,12 @@ def rules_draft(
 
 @app.command("plan")
 def plan(
-    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    config: Annotated[
+        Path | None,
+        typer.Argument(
+            help="run config YAML (default: $VLPREF_CONFIG, ./vlpref.yaml, then the demo's)"
+        ),
+    ] = None,
     only: Annotated[
         list[str] | None,
         typer.Option("--only", help="taxonomy path prefix `run --only` would build (repeatable)"),
@@ -491,7 +507,7 @@ def plan(
     from vlpref.plan_report import print_plan
     from vlpref.preflight import check as preflight_check
 
-    cfg = load_config(config)
+    cfg = load_config(_config_file(config))
     preflight_check(cfg, network=False, warn=_warning, local=True, only=only or None)
     result = plan_run(cfg, only or None)
     print_plan(result, by_branch=by_branch, console=Console())

@@ -168,13 +168,15 @@ ENTRY = (
 )
 
 
-def vlpref_export(*args: str) -> subprocess.CompletedProcess[str]:
+def vlpref_export(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "VLPREF_CONFIG"}
     return subprocess.run(
         [sys.executable, "-c", ENTRY, "export", *args],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+        cwd=cwd,
+        env={**env, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
     )
 
 
@@ -227,5 +229,6 @@ def test_a_full_out_folder_is_one_error_line(version: Version, out: Path) -> Non
 
 
 def test_no_store_is_one_error_line(out: Path) -> None:
-    proc = vlpref_export("latest", "-f", "trl", "-o", str(out))
-    assert error_line(proc) == "error: give --store LOCATION or --config RUN_CONFIG"
+    """No --store, no --config, and no config to find (vlpref/config_lookup.py) where it runs."""
+    proc = vlpref_export("latest", "-f", "trl", "-o", str(out), cwd=out.parent)
+    assert error_line(proc).startswith("error: no run config: give --config FILE")
