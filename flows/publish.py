@@ -15,7 +15,7 @@ extras hook from the staged version and listed in the manifest's files; the flow
 the `vlpref-report` artifact. A report that fails to build is logged as a warning and left out:
 the version's data is good without it, and `vlpref report VERSION` builds it again.
 
-What a version publishes names no local folder and holds no key (README "Security"): the
+What a version publishes names no local folder and holds no key (docs/security.md): the
 manifest's stage settings give a local image source as written in the config, an absolute one
 relative to the config file's folder (`published_stages`); the failures table's item ids and
 reasons name the config's folder, the workspace and the store relative to the config file's

@@ -15,7 +15,7 @@ rerun with a larger budget pays only for what is missing. At the end of a run wh
 reached, the flow raises `BudgetReached` instead of publishing: a version is never partial.
 
 Scope: one process. With the threads runner that is the whole run; with Dask or Ray workers,
-each worker process enforces the limits on its own share (the README's scale-out section).
+each worker process enforces the limits on its own share (docs/storage.md).
 """
 
 from __future__ import annotations

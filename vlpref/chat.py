@@ -138,7 +138,7 @@ class OutputConstraint:
     - `choice`: the answer is exactly one of `choices`.
 
     How each endpoint kind enforces it, and which token logprobs a constrained answer carries, is
-    in the README (section "Structured outputs"). It enters the request key (`keyed()`), so a
+    in docs/models.md. It enters the request key (`keyed()`), so a
     constrained request never shares journal entries with an unconstrained one.
     """
 

@@ -651,7 +651,7 @@ def _fail(message: str, code: int) -> NoReturn:
     from vlpref.redact import redact
 
     stop_temporary_server()
-    # Redacted (README "Security"): a message may quote an endpoint that echoed the key.
+    # Redacted (docs/security.md): a message may quote an endpoint that echoed the key.
     console.print(f"error: {redact(message)}", highlight=False, markup=False)
     raise SystemExit(code)
 

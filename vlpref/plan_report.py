@@ -80,8 +80,7 @@ def planned_vs_sent(manifest: Mapping[str, Any]) -> list[tuple[str, int, int, in
             if not info.get("reused"):
                 sent[stage] = sent.get(stage, 0) + int(info["counts"].get("requests_sent", 0))
     return [
-        (stage, int(p["to_send"]), int(p["bound"]), sent.get(stage, 0))
-        for stage, p in plan.items()
+        (stage, int(p["to_send"]), int(p["bound"]), sent.get(stage, 0)) for stage, p in plan.items()
     ]
 
 

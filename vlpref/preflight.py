@@ -54,7 +54,7 @@ VLLM_REFUSAL = (
     "the model with `vlpref vllm-serve` instead: make this endpoint `kind: openai` with a "
     "`serve:` block (`serve.python`: an interpreter that has vLLM) and build with "
     "`vlpref vllm-serve CONFIG --run`, or point the pipeline at the running server "
-    "(README, section vLLM)"
+    "(docs/vllm.md)"
 )
 
 Warn = Callable[[str], None]

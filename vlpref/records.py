@@ -1,4 +1,4 @@
-"""The dataset's tables: one Arrow schema each, joined by ids (see the README's table reference).
+"""The dataset's tables: one Arrow schema each, joined by ids (docs/dataset.md has the reference).
 
 Rows are plain dicts that match these schemas; stages build them with the small helpers below, and
 `table(rows, SCHEMA)` turns a list of rows into a `pyarrow.Table` with exactly these columns, so a
@@ -57,7 +57,7 @@ RESPONSES = pa.schema(
         ("text", pa.string()),
         ("finish_reason", pa.string()),
         # The sample's share of the call that produced it: summed over rows, every call counts
-        # once (README: The responses table). `usage_exact`: completion_tokens is the sample's
+        # once (docs/dataset.md). `usage_exact`: completion_tokens is the sample's
         # own length as the endpoint counted it, not a split of its call's.
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),

@@ -22,7 +22,7 @@ Pure and dependency-free (the standard library only), so that any layer may use 
   is redacted as it is created, message and traceback, before any handler (console, Prefect's
   API log handler, a file) sees it.
 
-Where it is applied (README "Security"): the provider failure messages as they are built
+Where it is applied (docs/security.md): the provider failure messages as they are built
 (`OpenAICompatProvider._failed`, the vLLM engine's failures) and once more for every provider,
 plug-ins included, where results enter vlpref (`vlpref.runner.run_requests`); the failures
 table as it is published; the CLI's `error:` and `warning:` lines; log records.

@@ -111,7 +111,7 @@ class ServeOptions(BaseModel):
     @classmethod
     def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if is_credential_name(name):  # the rule of README "Security" (vlpref/redact.py)
+            if is_credential_name(name):  # the rule of docs/security.md (vlpref/redact.py)
                 raise ValueError(
                     f"{redact(name)!r} looks like a secret; servers inherit the environment, set "
                     "it there"

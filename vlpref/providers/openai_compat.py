@@ -1,9 +1,9 @@
 """Any endpoint that speaks OpenAI chat completions: OpenAI, a vLLM server, hosted APIs, the sim.
 
 One `openai.AsyncOpenAI` per endpoint, over one shared HTTP client (aiohttp-backed by default:
-measured here it is several times faster than the default httpx pool, see the README). The SDK's
-own retries are off; ours (tenacity) honour `Retry-After`, back off with jitter, and end in a
-`Failure` value rather than an exception. A fixed pool of `concurrency` workers pulls requests
+measured here it is several times faster than the default httpx pool, see docs/performance.md).
+The SDK's own retries are off; ours (tenacity) honour `Retry-After`, back off with jitter, and end
+in a `Failure` value rather than an exception. A fixed pool of `concurrency` workers pulls requests
 from the batch, so memory does not grow with the batch size.
 
 The hot path is shaped by profiles (see bench/ and docs/performance.md): the body is
@@ -12,7 +12,7 @@ skips the SDK's per-request walk over its TypedDict annotations and its pydantic
 the raw bytes anyway); the first attempt runs outside tenacity, which only takes over once an
 attempt has failed in a retryable way.
 
-Structured outputs (a request's `constraint`, README "Structured outputs"), by the endpoint's
+Structured outputs (a request's `constraint`, docs/models.md), by the endpoint's
 `structured_dialect`:
 
 - `json_schema` -> `"response_format": {"type": "json_schema", "json_schema": {"name", "strict":
@@ -115,7 +115,7 @@ PLATFORM_HEADERS = (
 class OpenAICompatOptions(BaseModel):
     """The endpoint entry of a run config for `kind: openai`.
 
-    No key is ever written here (README "Security"): `api_key_env` is the name of an environment
+    No key is ever written here (docs/security.md): `api_key_env` is the name of an environment
     variable, `api_key_secret` the name of a Prefect Secret block, and `headers` and `extra_body`
     may not carry a field named like a credential (`vlpref.redact.is_credential_name`). Errors do
     not quote their input (`hide_input_in_errors`): a ValidationError raised in a Prefect task
@@ -154,7 +154,7 @@ class OpenAICompatOptions(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     extra_body: dict[str, Any] = Field(default_factory=dict)
     serve: ServeOptions | None = Field(
-        default=None, description="`vlpref vllm-serve` starts a vLLM server here (README: vLLM)"
+        default=None, description="`vlpref vllm-serve` starts a vLLM server here (docs/vllm.md)"
     )
     # Batch APIs (docs/batch.md): `batch` sends a stage's missing requests as batch files
     # through /v1/files + /v1/batches (half price on OpenAI, results within the window) instead
@@ -219,7 +219,7 @@ class OpenAICompatOptions(BaseModel):
         for name in value:
             if is_credential_name(name):
                 raise ValueError(
-                    f"header {redact(name)!r} is named like a credential (README, Security): it "
+                    f"header {redact(name)!r} is named like a credential (docs/security.md): it "
                     "would put a secret in the config; use api_key_env instead"
                 )
         return value
@@ -230,8 +230,8 @@ class OpenAICompatOptions(BaseModel):
         found = _credential_field(value)
         if found is not None:
             raise ValueError(
-                f"extra_body field {redact(found)!r} is named like a credential (README, "
-                "Security): it would put a secret in the config; use api_key_env instead"
+                f"extra_body field {redact(found)!r} is named like a credential "
+                "(docs/security.md): it would put a secret in the config; use api_key_env instead"
             )
         return value
 
@@ -528,7 +528,7 @@ class OpenAICompatProvider(Provider):
                 )
             # The SDK's platform headers describe this machine (OS, arch, Python and SDK
             # versions) to the endpoint on every request: we send none of them (no telemetry),
-            # which also saves ~8% of the client's CPU per request (bench/, README).
+            # which also saves ~8% of the client's CPU per request (bench/, docs/performance.md).
             headers: dict[str, Any] = {name: openai.Omit() for name in PLATFORM_HEADERS}
             headers.update(opts.headers)
             self._client = openai.AsyncOpenAI(

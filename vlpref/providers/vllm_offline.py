@@ -82,7 +82,7 @@ logger = logging.getLogger(__name__)
 # What vLLM's server reports for a logprob of -inf (a token the grammar forbids); ours too.
 LOGPROB_FLOOR = -9999.0
 
-INSTALL_HINT = "install the vllm extra: pip install 'vlpref[vllm]' (see the README, section vLLM)"
+INSTALL_HINT = "install the vllm extra: pip install 'vlpref[vllm]' (see docs/vllm.md)"
 
 # Engine arguments that have a named option: `extra_engine_args` may not set them a second time.
 _NAMED_ENGINE_ARGS = frozenset(
