@@ -38,8 +38,8 @@ demo: $(STAMP)
 	$(BIN)/python -m vlpref.demo
 
 # The vLLM tier: a real vLLM (CPU build) in its own environment, serving a tiny random model built
-# locally (no download). .ci/vllm_venv.py says what the environment holds and why; the README's
-# vLLM section says what the tier checks. The model is rebuilt only when missing.
+# locally (no download). .ci/vllm_venv.py says what the environment holds and why;
+# docs/vllm.md says what the tier checks. The model is rebuilt only when missing.
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat pyproject.toml .ci/vllm_venv.py | cksum | cut -d' ' -f1)
 TINY_VLM   := .cache/vlpref-tiny-vlm

@@ -11,7 +11,7 @@ the figures compare the two serving paths only: vlpref's OpenAI-compatible provi
 loopback HTTP against the server process, and `kind: vllm` in this process.
 
 On a 2-core CPU the tiny model is all overhead (HTTP, JSON, image processing, scheduling), not
-model compute; on a GPU with a real model the numbers mean something else (see the README).
+model compute; on a GPU with a real model the numbers mean something else (see docs/vllm.md).
 """
 
 from __future__ import annotations
