@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from flows.build import _aggregate, _judge_settings, build_dataset
+from flows.build import build_dataset
+from flows.stages import _aggregate, _judge_settings
 from vlpref.config import parse_config
 from vlpref.sim.testing import SimServer, sim_run_config
 from vlpref.store import Store
