@@ -22,7 +22,7 @@
     stages: {...}                         # see StagesConfig
 
 Errors name the file, the field and its line, and say what was expected. Secrets are refused,
-and no error repeats them (README "Security"): a field named like a credential
+and no error repeats them (docs/security.md): a field named like a credential
 (`vlpref.redact.is_credential_name`: `api_key`, `Authorization`, `X-Auth-Token`, `access_token`,
 ...), a value shaped like a key (`sk-...`, `hf_...`, a JWT, ...) wherever it is written, and an
 `api_key_env` / `api_key_secret` that is not the *name* of a variable / block are errors that say
@@ -81,7 +81,7 @@ Name = Annotated[
 ]
 
 
-# Upper bounds of the counts (README, "The run config": bounds). Generous for any real run, they
+# Upper bounds of the counts (docs/configuration.md, "Bounds"). Generous for any real run, they
 # keep a typo (`per_branch: 1000000000`) from exhausting the machine before anything is sent.
 MAX_MODELS = 64
 # all-pairs judges and ranks k*(k-1)/2 pairs of a question's k samples: 32,640 at 256.
@@ -155,6 +155,35 @@ class GeneratorEntry(ModelEntry):
     structured: Structured = "auto"
 
 
+def _unset(value: object) -> bool:
+    return value is None
+
+
+class SecondPass(_Strict):
+    """What a `tier: second` judge is asked (docs/judging.md, "Tiered judging"). `band`: the
+    responses whose first-pass P(unsafe) (combined over the first-pass judges by
+    `stages.judge.aggregate`) lies inside it get this judge's safety verdict; None: none do.
+    `pairs`: this judge decides what can end up in a published pair - it alone makes the
+    pairwise comparisons the selection walks, and it gives its safety verdict and ratings for
+    every response that can be published (the hinge set); false: the first pass compares pairs
+    and this judge only settles the uncertain verdicts (a guard model as the second judge).
+    `group_margin` (spa-vl, with `pairs`): a model whose safety rate lies within this of a model
+    on the other side of a safety-group boundary gets this judge's safety verdict on all its
+    responses of the branch, since the first pass's noise could move it to the other group (and
+    change which pairs are cross-group); 0: never."""
+
+    band: tuple[float, float] | None = (0.2, 0.8)
+    pairs: bool = True
+    group_margin: float = Field(default=0.05, ge=0.0, le=1.0)
+
+    @field_validator("band")
+    @classmethod
+    def _band(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0.0 <= value[0] <= value[1] <= 1.0:
+            raise ValueError("band: two probabilities, low <= high, within [0, 1]")
+        return value
+
+
 class JudgeEntry(ModelEntry):
     """A judge: which protocol it speaks, and how its answers are constrained.
 
@@ -181,6 +210,20 @@ class JudgeEntry(ModelEntry):
     # Debias, when on, corrects each rule's P by its own content-free call; the cascade then
     # looks at the combined P.
     rules: Literal["off", "max", "noisy_or"] = "off"
+    # Tiered judging (docs/judging.md): a `second` judge is asked only where the decision hinges
+    # (`second_pass`, filled with its defaults so a stage key always holds the policy in force);
+    # the other judges (`first`, or no tier beside a `second`) are the first pass, asked for
+    # every response. Both are left out of every dump while unset, so the stage keys and config
+    # hash of a config without tiers are those it had before tiers existed.
+    tier: Literal["first", "second"] | None = Field(default=None, exclude_if=_unset)
+    second_pass: SecondPass | None = Field(default=None, exclude_if=_unset)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _second_pass_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tier") == "second" and "second_pass" not in data:
+            return {**data, "second_pass": {}}
+        return data
 
     @model_validator(mode="after")
     def _band(self) -> JudgeEntry:
@@ -190,6 +233,18 @@ class JudgeEntry(ModelEntry):
         refined = self.debias != "off" or band is not None or self.rules != "off"
         if refined and self.protocol != "vlpref":
             raise ValueError("debias, cascade_band and rules apply to the vlpref protocol only")
+        if self.tier != "second":
+            if self.second_pass is not None:
+                raise ValueError("second_pass applies to a `tier: second` judge only")
+            return self
+        if refined:
+            # Their calls go to every response; a second judge sees only the hinge set.
+            raise ValueError("debias, cascade_band and rules apply to first-pass judges only")
+        if self.second_pass is not None and self.second_pass.pairs and self.protocol != "vlpref":
+            raise ValueError(
+                "a guard model gives safety verdicts only: as the second judge it needs "
+                "second_pass.pairs: false (the first pass compares the pairs)"
+            )
         return self
 
 
@@ -224,7 +279,7 @@ class ManifestSource(_Strict):
         description="a row's `path` (symlinks resolved) must lie under this folder; "
         "default: the manifest's folder",
     )
-    # Outbound requests (README, "Security"): by default a `url` row may not reach a loopback,
+    # Outbound requests (docs/security.md): by default a `url` row may not reach a loopback,
     # private, link-local, multicast or reserved address, checked at every redirect hop.
     allow_private: bool = Field(
         default=False, description="let URLs reach loopback, private and shared addresses"
@@ -389,8 +444,8 @@ class StagesConfig(_Strict):
 
 class JudgeEvalConfig(_Strict):
     """Defaults of `vlpref judge-eval` (its options override them): the labelled file's column
-    mapping (logical name -> the file's column, README "Judge evaluation"), the kind of labels
-    and the false-positive rate the threshold is chosen for."""
+    mapping (logical name -> the file's column, docs/judging.md, "Judge evaluation"), the kind
+    of labels and the false-positive rate the threshold is chosen for."""
 
     columns: dict[str, str] = Field(default_factory=dict, max_length=16)
     kind: Literal["safety", "pairwise", "rating"] = "safety"
@@ -567,7 +622,7 @@ def _find_secrets(
             if isinstance(key, str) and not user_named and is_credential_name(key):
                 return here, (
                     "secrets may not be written in a config file (this field is named like a "
-                    f"credential; README, Security); {_USE_ENV}"
+                    f"credential; docs/security.md); {_USE_ENV}"
                 )
             if key == "api_key_env" and isinstance(value, str) and not is_env_var_name(value):
                 return here, (
@@ -680,7 +735,7 @@ def _describe(error: Any) -> str:
         return redact(str(ctx_error))
     message = str(error["msg"])
     if error["type"] == "extra_forbidden":
-        return "unknown field (check the spelling; see the README's config reference)"
+        return "unknown field (check the spelling; see docs/configuration.md)"
     if error["type"] == "missing":
         return "required field is missing"
     got = error.get("input")
