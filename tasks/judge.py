@@ -23,7 +23,7 @@ import itertools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ import pyarrow as pa
 from tasks.common import image_part, provider_for, retry_params
 from vlpref.calibration import CONTENT_FREE, debiased, in_band
 from vlpref.chat import ChatRequest, Message, OutputConstraint, Sample
-from vlpref.config import JudgeEntry, RunConfig
+from vlpref.config import JudgeEntry, PairsStage, RunConfig, SecondPass
 from vlpref.earlystop import TRIPPING_KINDS, Cause
 from vlpref.errors import JudgeParseError
 from vlpref.journal import Journal
@@ -53,6 +53,8 @@ from vlpref.runner import BatchStats
 from vlpref.selection import (
     Candidate,
     candidate_pairs,
+    group_edges,
+    hinge,
     safety_groups,
     safety_rates,
     score_weights,
@@ -117,6 +119,76 @@ def candidates_from_judgments(
                 text_key=text_key(r["text"]),
             )
         )
+    return out
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """Tiered judging (docs/judging.md): the first-pass judges, asked for every response, and
+    the second judges, asked where the decision hinges, by one `SecondPass` policy."""
+
+    first: tuple[JudgeEntry, ...]
+    second: tuple[JudgeEntry, ...]
+    band: tuple[float, float] | None
+    pairs: bool
+    margin: float  # second_pass.group_margin
+
+
+def judge_tiers(config: RunConfig) -> Tiers | None:
+    """The run's tiers, or None when no judge is `tier: second` (every judge asked everything,
+    `tier: first` alone included)."""
+    second = tuple(j for j in config.judges if j.tier == "second")
+    if not second:
+        return None
+    first = tuple(j for j in config.judges if j.tier != "second")
+    if not first:
+        raise ValueError("a `tier: second` judge needs a first-pass judge (`tier: first`)")
+    policies = {j.second_pass or SecondPass() for j in second}
+    if len(policies) > 1:
+        raise ValueError("the `tier: second` judges must have the same second_pass")
+    (policy,) = policies
+    return Tiers(first, second, policy.band, policy.pairs, policy.group_margin)
+
+
+FIRST_PASS = "_first_pass"
+"""Suffix of the kind of a first-pass judgment that a second judge's overrules
+(`safety_first_pass`, `rating_first_pass`): kept for the record, read by no selection."""
+
+# Judge evaluation's given pairs: every one compared, none walked (see `hinge`).
+_EVERY_PAIR = PairsStage(policy="all-pairs")
+
+
+def first_pass_unsafe(
+    rows: Iterable[Mapping[str, Any]], aggregate: str = "mean"
+) -> dict[str, float]:
+    """response_id -> the first pass's P(unsafe), combined over its judges by `aggregate`."""
+    found: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["kind"] == "safety" and row["score"] is not None:
+            found[row["response_id"]].append(row["score"])
+    combined = {rid: combine_p_unsafe(values, aggregate) for rid, values in found.items()}
+    return {rid: p for rid, p in combined.items() if p is not None}
+
+
+def decided_rows(
+    first: Sequence[Mapping[str, Any]], second: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The first pass's rows, those a second judge's verdict overrules renamed to kind
+    `<kind>_first_pass` (a safety verdict per response, a rating per (response, aspect)): what
+    remains of kind safety/rating/pairwise is what decides, and the `judge` column says who."""
+    safety = {r["response_id"] for r in second if r["kind"] == "safety"}
+    ratings = {(r["response_id"], r["aspect"]) for r in second if r["kind"] == "rating"}
+    out: list[dict[str, Any]] = []
+    for row in first:
+        kind = row["kind"]
+        overruled = (kind == "safety" and row["response_id"] in safety) or (
+            kind == "rating" and (row["response_id"], row["aspect"]) in ratings
+        )
+        if overruled:
+            kind += FIRST_PASS
+            ids = (row["response_id"], row["other_response_id"] or "", row["aspect"] or "")
+            row = {**row, "kind": kind, "judgment_id": stable_id(kind, row["judge"], *ids)}
+        out.append(dict(row))
     return out
 
 
@@ -203,11 +275,13 @@ def judge_responses(
         kind = config.endpoint_kind(judge.endpoint)
         return constraint_for(judge.structured, kind, call, aspects=aspects)
 
-    def guard_calls(judge: JudgeEntry, spec: GuardSpec) -> Iterator[_Call]:
+    def guard_calls(
+        judge: JudgeEntry, spec: GuardSpec, asked: Sequence[Mapping[str, Any]]
+    ) -> Iterator[_Call]:
         prompt = load_prompt(spec.template, config.prompts_dir) if spec.template else None
         version = prompt.version if prompt else f"{spec.name}/conversation"
         policy = judge.policy or DEFAULT_POLICY
-        for r in response_rows:
+        for r in asked:
             question = question_rows[r["question_id"]]["text"]
             fields = {"question": question, "response": r["text"]}
             if prompt is not None and "policy" in prompt.fields:
@@ -223,17 +297,34 @@ def judge_responses(
             )
 
     # Calls are made lazily, a chunk at a time, as the model service pulls them.
-    def pointwise_calls(judge: JudgeEntry) -> Iterator[_Call]:
+    def pointwise_calls(
+        judge: JudgeEntry,
+        safety_of: Collection[str] | None = None,
+        ratings_of: Collection[str] | None = None,
+    ) -> Iterator[_Call]:
+        """Safety and rating calls for every response, or (a second judge) for the responses
+        in `safety_of` and `ratings_of`."""
+        asked = [
+            r
+            for r in response_rows
+            if safety_of is None
+            or r["response_id"] in safety_of
+            or ratings_of is None
+            or r["response_id"] in ratings_of
+        ]
         spec = GUARDS.get(judge.protocol)
         if spec is not None:
             if stage.safety:
-                yield from guard_calls(judge, spec)
+                safety_rows = [
+                    r for r in asked if safety_of is None or r["response_id"] in safety_of
+                ]
+                yield from guard_calls(judge, spec, safety_rows)
             return
         safety_constraint = constraint(judge, "safety")
         rating_constraint = constraint(judge, "rating")
-        for r in response_rows:
+        for r in asked:
             question = question_rows[r["question_id"]]["text"]
-            if stage.safety:
+            if stage.safety and (safety_of is None or r["response_id"] in safety_of):
                 text = safety_prompt.render(question=question, response=r["text"])
                 yield _Call(
                     f"safety\x1f{judge.name}\x1f{r['response_id']}",
@@ -244,7 +335,7 @@ def judge_responses(
                     "safety",
                     safety_constraint,
                 )
-            if aspects:
+            if aspects and (ratings_of is None or r["response_id"] in ratings_of):
                 text = rating_prompt.render(
                     question=question,
                     response=r["text"],
@@ -469,55 +560,19 @@ def judge_responses(
 
     def run_phase(
         calls_for: Callable[[JudgeEntry], Iterator[_Call]],
+        judges: Sequence[JudgeEntry] = config.judges,
     ) -> tuple[TableBuilder, list[FailureRow], int]:
-        calls = {j.name: calls_for(j) for j in config.judges}
+        calls = {j.name: calls_for(j) for j in judges}
         return _run_calls(calls, config, journal, service, stage.max_attempts, stats, tokens)
 
-    rows, failures, n_calls = run_phase(pointwise_calls)
-    tables = [rows.table()]
-    refine_counts: dict[str, int] = {}
-    if stage.safety and any(
-        j.debias != "off" or j.cascade_band or j.rules != "off" for j in config.judges
-    ):
-        refined, refine_failures, refine_calls, refine_counts = refine_safety(tables[0])
-        tables = [refined]
-        failures.extend(refine_failures)
-        n_calls += refine_calls
-
-    if pairs is not None:
-        chosen_pairs: Mapping[str, Sequence[tuple[str, str]]] = pairs
-    elif stage.pairwise and stage.max_pairs_per_question > 0:
-        candidates = candidates_from_judgments(
-            response_rows,
-            iter_rows(tables[0], ("kind", "response_id", "aspect", "score")),
-            stage.aggregate,
-        )
-        groups = safety_groups(
-            safety_rates(c for cs in candidates.values() for c in cs),
-            config.stages.pairs.safety_groups,
-        )
-        weights = score_weights(config.stages.pairs, stage)
-        chosen_pairs = {
-            question_id: candidate_pairs(
-                question_id,
-                cands,
-                groups,
-                config.stages.pairs,
-                max_pairs=stage.max_pairs_per_question,
-                weights=weights,
-            )
-            for question_id, cands in sorted(candidates.items())
-        }
-    else:
-        chosen_pairs = {}
-
-    if chosen_pairs:
-
+    def pairwise_calls_of(
+        chosen: Mapping[str, Sequence[tuple[str, str]]],
+    ) -> Callable[[JudgeEntry], Iterator[_Call]]:
         def pairwise_calls(judge: JudgeEntry) -> Iterator[_Call]:
             if judge.protocol in GUARDS:
                 return  # guard models give safety verdicts only
             pair_constraint = constraint(judge, "pairwise")
-            for question_id, question_pairs in sorted(chosen_pairs.items()):
+            for question_id, question_pairs in sorted(chosen.items()):
                 question = question_rows[question_id]["text"]
                 for x, y in question_pairs:
                     for first, second in ((x, y), (y, x)):
@@ -536,7 +591,168 @@ def judge_responses(
                             pair_constraint,
                         )
 
-        pair_rows, pair_failures, n_pair_calls = run_phase(pairwise_calls)
+        return pairwise_calls
+
+    def selection_inputs(
+        judgments: Iterable[Mapping[str, Any]],
+    ) -> tuple[dict[str, list[Candidate]], dict[str, int], dict[str, list[tuple[str, str]]]]:
+        """Candidates, safety groups and candidate pairs from the judgments that decide."""
+        candidates = candidates_from_judgments(response_rows, judgments, stage.aggregate)
+        groups = safety_groups(
+            safety_rates(c for cs in candidates.values() for c in cs),
+            config.stages.pairs.safety_groups,
+        )
+        weights = score_weights(config.stages.pairs, stage)
+        candidate_map = {
+            question_id: candidate_pairs(
+                question_id,
+                cands,
+                groups,
+                config.stages.pairs,
+                max_pairs=stage.max_pairs_per_question,
+                weights=weights,
+            )
+            for question_id, cands in sorted(candidates.items())
+        }
+        return candidates, groups, candidate_map
+
+    def second_pass(
+        tiers: Tiers, first: pa.Table
+    ) -> tuple[pa.Table, list[FailureRow], int, dict[str, int]]:
+        """Ask the second judges where the decision hinges (docs/judging.md, "Tiered judging"),
+        in rounds until nothing more hinges: (1) the responses whose first-pass P(unsafe) is in
+        `band`; with `pairs`, (2) the pairwise comparisons the selection walks (`hinge`), asked
+        of the second judges only, and (3) safety and ratings of every response that can end up
+        in a published pair. Each round recomputes safety groups and candidate pairs from the
+        judgments that decide so far, so the last round's selection is the pairs stage's."""
+        from tasks.pairs import comparisons  # tasks.pairs imports this module
+
+        first_rows = first.to_pylist()
+        first_p = first_pass_unsafe(first_rows, stage.aggregate)
+        band = tiers.band
+        want_safety = (
+            {rid for rid, p in first_p.items() if in_band(p, band)} if stage.safety else set()
+        )
+        want_ratings: set[str] = set()
+        second_rows: list[dict[str, Any]] = []
+        asked_safety: set[str] = set()
+        asked_ratings: set[str] = set()
+        asked_pairs: set[tuple[str, str]] = set()
+        failed: list[FailureRow] = []
+        calls = rounds = 0
+        compares = tiers.pairs and (
+            pairs is not None or (stage.pairwise and stage.max_pairs_per_question > 0)
+        )
+        spa_vl = config.stages.pairs.policy == "spa-vl" and pairs is None
+        while True:
+            decided = decided_rows(first_rows, second_rows)
+            ask_pairs: dict[str, list[tuple[str, str]]] = {}
+            if compares:
+                candidates, groups, candidate_map = selection_inputs([*decided, *second_rows])
+                if pairs is not None:  # judge evaluation: every given pair, as without tiers
+                    candidate_map = {q: list(p) for q, p in pairs.items()}
+                if spa_vl and stage.safety:
+                    # The groups decide which pairs are cross-group: a model near a group
+                    # boundary is judged by the second judge throughout.
+                    rates = safety_rates(c for cs in candidates.values() for c in cs)
+                    edges = group_edges(rates, config.stages.pairs.safety_groups, tiers.margin)
+                    want_safety |= {r["response_id"] for r in response_rows if r["model"] in edges}
+                made = comparisons(second_rows)
+                policy = config.stages.pairs if pairs is None else _EVERY_PAIR
+                for question_id, question_pairs in sorted(candidate_map.items()):
+                    found = hinge(
+                        question_id,
+                        candidates.get(question_id, []),
+                        question_pairs,
+                        groups,
+                        policy,
+                        made,
+                        asked_pairs,
+                    )
+                    if found.ask:
+                        ask_pairs[question_id] = list(found.ask)
+                    if stage.safety:
+                        want_safety |= found.publishable
+                    if aspects:
+                        want_ratings |= found.publishable
+            new_safety = want_safety - asked_safety
+            new_ratings = want_ratings - asked_ratings
+            if not spa_vl and (new_safety or new_ratings):
+                # Rating policies pick candidate pairs by score: compare them once the
+                # responses in them have the second judge's scores, not before.
+                ask_pairs = {}
+            if not (new_safety or new_ratings or ask_pairs):
+                break
+
+            def round_calls(
+                judge: JudgeEntry,
+                safety_of: Collection[str] = frozenset(new_safety),
+                ratings_of: Collection[str] = frozenset(new_ratings),
+                chosen: Mapping[str, Sequence[tuple[str, str]]] = ask_pairs,
+            ) -> Iterator[_Call]:
+                if safety_of or ratings_of:
+                    yield from pointwise_calls(judge, safety_of, ratings_of)
+                yield from pairwise_calls_of(chosen)(judge)
+
+            got, round_failures, n = run_phase(round_calls, tiers.second)
+            second_rows.extend(got.table().to_pylist())
+            failed.extend(round_failures)
+            calls += n
+            rounds += 1
+            asked_safety |= new_safety
+            asked_ratings |= new_ratings
+            asked_pairs.update(p for ps in ask_pairs.values() for p in ps)
+        for row in second_rows:
+            if row["kind"] == "safety":
+                # Which tier decided, and what the first pass said, beside the verdict.
+                probabilities = json.loads(row["probabilities"] or "{}")
+                probabilities.update(
+                    tier="second", first_pass_unsafe=first_p.get(row["response_id"])
+                )
+                row["probabilities"] = json.dumps(probabilities)
+        counts = {
+            "second_pass_rounds": rounds,
+            "second_pass_safety": len(asked_safety),
+            "second_pass_ratings": len(asked_ratings),
+            "second_pass_pairs": len(asked_pairs),
+        }
+        table = table_of([*decided_rows(first_rows, second_rows), *second_rows], JUDGMENTS)
+        return table, failed, calls, counts
+
+    tiers = judge_tiers(config)
+    first_judges = config.judges if tiers is None else tiers.first
+    rows, failures, n_calls = run_phase(pointwise_calls, first_judges)
+    tables = [rows.table()]
+    refine_counts: dict[str, int] = {}
+    if stage.safety and any(
+        j.debias != "off" or j.cascade_band or j.rules != "off" for j in config.judges
+    ):
+        refined, refine_failures, refine_calls, refine_counts = refine_safety(tables[0])
+        tables = [refined]
+        failures.extend(refine_failures)
+        n_calls += refine_calls
+    if tiers is not None:
+        decided, second_failures, second_calls, second_counts = second_pass(tiers, tables[0])
+        tables = [decided]
+        failures.extend(second_failures)
+        n_calls += second_calls
+        refine_counts.update(second_counts)
+
+    chosen_pairs: Mapping[str, Sequence[tuple[str, str]]] = {}
+    if tiers is not None and tiers.pairs:
+        pass  # the second judges made the comparisons the selection walks
+    elif pairs is not None:
+        chosen_pairs = pairs
+    elif stage.pairwise and stage.max_pairs_per_question > 0:
+        chosen_pairs = selection_inputs(
+            iter_rows(tables[0], ("kind", "response_id", "aspect", "score"))
+        )[2]
+
+    if chosen_pairs:
+        # With tiers, the first pass compares (the second judges settle uncertain verdicts only).
+        pair_rows, pair_failures, n_pair_calls = run_phase(
+            pairwise_calls_of(chosen_pairs), first_judges
+        )
         tables.append(pair_rows.table())
         failures.extend(pair_failures)
         n_calls += n_pair_calls

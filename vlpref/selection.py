@@ -48,6 +48,7 @@ A question that yields no pair gets a `NoPair` with one of the reasons below.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -369,6 +370,82 @@ def candidate_pairs(
     ]
     kept = [p for p in kept if _may_be_chosen(p.high, config) and not same_text(p.high, p.low)]
     return [(p.high.response_id, p.low.response_id) for p in kept[:max_pairs]]
+
+
+def group_edges(rates: Mapping[str, float], k: int, margin: float) -> set[str]:
+    """The models whose safety group hinges on small differences: each within `margin` of the
+    rate of a model on the other side of a group boundary (`safety_groups` with `k`), so that a
+    shift of that size could move it across. Empty when `margin` is 0."""
+    if margin <= 0 or not rates:
+        return set()
+    groups = safety_groups(rates, k)
+    ordered = sorted(rates, key=lambda m: (rates[m], m))
+    edges: set[str] = set()
+    for low, high in itertools.pairwise(ordered):
+        if groups[low] == groups[high]:
+            continue
+        edges.update(
+            m for m in ordered if groups[m] <= groups[low] and rates[m] >= rates[high] - margin
+        )
+        edges.update(
+            m for m in ordered if groups[m] >= groups[high] and rates[m] <= rates[low] + margin
+        )
+    return edges
+
+
+@dataclass(frozen=True, slots=True)
+class Hinge:
+    """Where one question's published pairs hinge, given the comparisons made so far (tiered
+    judging, tasks/judge.py): `ask`, the candidate pairs the selection needs compared next;
+    `publishable`, the responses that can end up in a published pair."""
+
+    ask: tuple[tuple[str, str], ...]
+    publishable: frozenset[str]
+
+
+def hinge(
+    question_id: str,
+    candidates: Sequence[Candidate],
+    pairs: Sequence[tuple[str, str]],
+    groups: Mapping[str, int],
+    config: PairsStage,
+    pairwise: Mapping[tuple[str, str], OrderedComparison],
+    asked: Collection[tuple[str, str]] = (),
+) -> Hinge:
+    """What the selection of one question still needs from the judge that decides, among the
+    candidate `pairs` (`candidate_pairs`) and with the comparisons `pairwise` made so far (pairs
+    in `asked` without a comparison failed: skipped, as `select_pairs` skips them).
+
+    spa-vl walks its order as `select_pairs` does and stops at the first pair it cannot judge
+    yet: that pair is asked next, alone, so that the pairs after the one that decides are never
+    compared; once a pair decides, its two responses are the publishable ones. The same
+    comparisons therefore give the same pair as comparing every candidate up front. Rating
+    policies keep pairs by overall margin, so every candidate pair may be kept: all are asked,
+    and their responses are publishable."""
+    members = frozenset(r for pair in pairs for r in pair)
+    if config.policy != "spa-vl":
+        missing = tuple(
+            (x, y) for x, y in pairs if lookup(pairwise, x, y) is None and (x, y) not in asked
+        )
+        return Hinge(missing, members)
+    usable = [c for c in candidates if c.usable]
+    wanted = {frozenset(p) for p in pairs}
+    done = {frozenset(p) for p in asked}
+    order = _spa_vl_order(question_id, usable, groups, config.same_model_pairs, config.seed)
+    for x, y in order:
+        if same_text(x, y) or frozenset((x.response_id, y.response_id)) not in wanted:
+            continue
+        comparison = lookup(pairwise, x.response_id, y.response_id)
+        if comparison is None:
+            if frozenset((x.response_id, y.response_id)) in done:
+                continue  # asked and failed: no verdict to walk on (a rerun asks again)
+            return Hinge(((x.response_id, y.response_id),), frozenset())
+        if comparison.tied or not comparison.consistent or comparison.winner is None:
+            continue
+        chosen = x if comparison.winner == "x" else y
+        if _may_be_chosen(chosen, config):
+            return Hinge((), frozenset((x.response_id, y.response_id)))
+    return Hinge((), frozenset())
 
 
 @dataclass(frozen=True, slots=True)
