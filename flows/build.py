@@ -35,6 +35,7 @@ from vlpref.redact import install_log_redaction, redact
 from vlpref.retry import check_policy, retryable_count
 from vlpref.run_summary import RunSummary, stage_alert, summarize
 from vlpref.scheduling import AnswerBudget
+from vlpref.stage_text import describe_counts
 from vlpref.taxonomy import Subcategory, load_taxonomy
 from vlpref.workspace import StageRef, Workspace, output_id
 
@@ -95,7 +96,9 @@ def _finish(
 
 
 def _done(ref: StageRef) -> StageRef:
-    get_run_logger().info("%s/%s: %s", ref.stage, ref.branch_id, ref.counts)
+    # Readable text, not the counts dict: this line is what the log file and the task run's
+    # page in the Prefect UI show of the stage.
+    get_run_logger().info("%s", describe_counts(ref.stage, ref.counts, ref.branch_id))
     progress.notify(ref.stage, ref.branch_id, ref.counts)
     return ref
 
@@ -139,6 +142,15 @@ def stage_task(
 ) -> StageRef:
     """One stage of one branch (`flows/stages.py: STAGES[name]`): reuse its output for its key,
     or run it (its requests through the branch's journal for the stage) and write it."""
+    # The scope tells the CLI's live display which stage and branch each model result of this
+    # thread belongs to, and that the stage failed for the branch if this raises.
+    with progress.stage_scope(name, leaf.branch_id):
+        return _run_stage(name, config, leaf, refs)
+
+
+def _run_stage(
+    name: str, config: RunConfig, leaf: Subcategory, refs: dict[str, StageRef]
+) -> StageRef:
     stage = STAGE_TABLE[name]
     workspace, started = Workspace(config.workspace), time.perf_counter()
     key = stage.key(config, leaf, refs)
@@ -259,7 +271,7 @@ def build_dataset(
     choice of which failures of finished stage outputs are asked for again; `plan` first works
     out what the run will send (`vlpref plan`, no request) and keeps it in the manifest beside
     what was sent. Returns the new version's id."""
-    from flows.publish import publish_version
+    from flows.publish import publish_version, write_version_exports
 
     install_log_redaction()  # keys never reach a log record, Prefect's API logs included
     stopping.reset()  # an earlier run in this process may have been interrupted
@@ -278,7 +290,15 @@ def build_dataset(
         from flows.plan import plan_run
 
         planned = plan_run(run_config, selected).by_stage()
-        get_run_logger().info("plan: %s", planned)
+        get_run_logger().info(
+            "plan: %s",
+            "; ".join(
+                f"{stage} {p['to_send']} to send, {p['from_journal']} from the journal"
+                + (f", up to {p['bound']} more" if p.get("bound") else "")
+                for stage, p in planned.items()
+            ),
+        )
+        progress.notify_plan(planned)  # the live display's ETA
     with throughput_gc(), heap.system_arrow_pool():
         branches = run_branches(run_config, leaves)
         refs: dict[str, dict[str, StageRef]] = {}
@@ -297,7 +317,12 @@ def build_dataset(
             raise BuildError(failed, workspace=run_config.workspace)
         if selected is None and not any(r["pairs"].counts.get("pairs") for r in refs.values()):
             raise NothingToPublish(_nothing_to_publish(summary))
-        return publish_version(run_config, taxonomy, leaves, refs, only=selected, plan=planned)
+        version_id = publish_version(
+            run_config, taxonomy, leaves, refs, only=selected, plan=planned
+        )
+    for line in write_version_exports(run_config, version_id):
+        get_run_logger().info("export: %s", line)
+    return version_id
 
 
 def _nothing_to_publish(summary: RunSummary) -> str:

@@ -446,3 +446,58 @@ def link_report(version: Version) -> None:
         )
     except Exception as exc:
         _logger().warning("could not link report.html as an artifact: %s", redact(str(exc)))
+
+
+def export_root(config: RunConfig) -> Path | None:
+    """Where `exports:` are written: `exports.dir` (relative to the config file), else
+    `<store>/exports` when the store is local; None when there is nowhere local to write."""
+    from vlpref.fs import is_local, resolve
+
+    if config.exports.dir is not None:
+        return (config_dir(config) / config.exports.dir).resolve()
+    fs, root = resolve(config.store)
+    return Path(root) / "exports" if is_local(fs) else None
+
+
+def write_version_exports(config: RunConfig, version_id: str) -> list[str]:
+    """The config's `exports:` of a published version, into `<root>/<version_id>/<name>`; what
+    was written, one line each. An export that fails is a warning naming the command that makes
+    it: the version is published and stays so."""
+    from vlpref.export.core import ExportSpec, write_exports
+    from vlpref.export.filters import Filters
+
+    if not config.exports.formats:
+        return []
+    root = export_root(config)
+    if root is None:
+        log.warning(
+            "exports: the store %s is not local: set exports.dir to write %d export(s)",
+            config.store,
+            len(config.exports.formats),
+        )
+        return []
+    specs = [
+        ExportSpec(
+            format=e.format,
+            name=e.name,
+            filters=Filters.of(
+                splits=e.splits,
+                categories=e.categories,
+                min_margin=e.min_margin,
+                min_confidence=e.min_confidence,
+                consistent_only=e.consistent_only,
+            ),
+        )
+        for e in config.exports.formats
+    ]
+    try:
+        results = write_exports(Store(config.store).open(version_id), specs, root / version_id)
+    except Exception as exc:
+        log.warning(
+            "exports of %s failed: %s; `vlpref export %s --format F --out DIR` makes one",
+            version_id,
+            redact(str(exc)),
+            version_id,
+        )
+        return []
+    return [r.summary() for r in results]

@@ -166,3 +166,28 @@ def test_yaml_syntax_errors_give_the_line(tmp_path: Path) -> None:
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.yaml")
+
+
+def _judges_config(judges: list[dict[str, object]]) -> dict[str, object]:
+    return {
+        "name": "x",
+        "taxonomy": "builtin:demo",
+        "endpoints": {"e": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+        "models": [{"name": "a", "endpoint": "e", "model": "m"}],
+        "generator": {"name": "g", "endpoint": "e", "model": "m"},
+        "judges": judges,
+    }
+
+
+def test_a_second_judge_needs_a_first_pass_and_exports_need_distinct_folders() -> None:
+    from vlpref.config import parse_config
+
+    second = {"name": "strong", "endpoint": "e", "model": "m", "tier": "second"}
+    with pytest.raises(ConfigError, match=r"judges\[0\]\.tier: a `tier: second` judge needs"):
+        parse_config(_judges_config([second]))
+    first = {"name": "small", "endpoint": "e", "model": "m"}
+    assert parse_config(_judges_config([first, second])).judges[1].tier == "second"
+    data = _judges_config([first])
+    data["exports"] = {"formats": [{"format": "trl"}, {"format": "trl"}]}
+    with pytest.raises(ConfigError, match=r"exports share folders \['trl'\]"):
+        parse_config(data)

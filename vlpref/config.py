@@ -452,6 +452,38 @@ class JudgeEvalConfig(_Strict):
     target_fpr: float = Field(default=0.05, ge=0, le=1)
 
 
+ExportFormat = Literal["trl", "llamafactory", "swift", "listwise"]
+
+
+class ExportEntry(_Strict):
+    """One export written with every version (`vlpref export`'s options, docs/export.md)."""
+
+    format: ExportFormat
+    name: Name | None = None  # the folder under the export root (default: the format)
+    splits: tuple[str, ...] = Field(default=(), max_length=16)
+    categories: tuple[str, ...] = Field(default=(), max_length=10_000)
+    min_margin: float | None = None
+    min_confidence: float | None = Field(default=None, ge=0, le=1)
+    consistent_only: bool = False
+
+
+class Exports(_Strict):
+    """`exports:`: trainer formats written after each publish into `<dir>/<version_id>/<name>`.
+    `dir` (relative to the config file) defaults to `<store>/exports` for a local store. An
+    export changes nothing in the version, so none of this enters its hash or keys."""
+
+    dir: str | None = None
+    formats: tuple[ExportEntry, ...] = Field(default=(), max_length=16)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Exports:
+        folders = [e.name or e.format for e in self.formats]
+        repeated = sorted({f for f in folders if folders.count(f) > 1})
+        if repeated:
+            raise ValueError(f"exports share folders {repeated}: give each a distinct `name`")
+        return self
+
+
 class BudgetLimits(_Strict):
     """Limits on what is sent: requests, tokens (prompt + completion, as the endpoint bills
     them) and cost (by the models' `price`). Unset: no limit."""
@@ -527,6 +559,7 @@ class RunConfig(_Strict):
     source_file: str | None = Field(default=None, exclude=True)
     # Operational too: a budget limits what one run sends, never what a version holds.
     budget: Budget = Budget()
+    exports: Exports = Exports()
 
     @field_validator("taxonomy")
     @classmethod
@@ -566,6 +599,13 @@ class RunConfig(_Strict):
                 raise _LocatedError(
                     (*loc, "endpoint"), f"unknown endpoint {entry.endpoint!r} (defined: {known})"
                 )
+        # A second judge decides what a first pass leaves open: without one it has nothing to do.
+        seconds = [i for i, j in enumerate(self.judges) if j.tier == "second"]
+        if seconds and len(seconds) == len(self.judges):
+            raise _LocatedError(
+                ("judges", seconds[0], "tier"),
+                "a `tier: second` judge needs a first-pass judge beside it (`tier: first` or none)",
+            )
         return self
 
     @property
@@ -592,6 +632,7 @@ class RunConfig(_Strict):
             "source_file",
             "judge_eval",
             "budget",
+            "exports",
         )
         exclude: dict[str, Any] = {name: True for name in operational}
         exclude.update(
