@@ -11,7 +11,9 @@ known is a *bound* (an upper bound):
 - pairwise comparisons of a judge stage where any pointwise verdict is still to come: at most
   min(max_pairs_per_question, C(k, 2)) pairs per question of k usable responses, both orders;
 - reasoning calls of a `cascade_band` judge: at most one per response whose verdict is still to
-  come (and, with debias, one reasoning prior per question).
+  come (and, with debias, one reasoning prior per question);
+- a `tier: second` judge while a first-pass verdict is still to come: at most what it would be
+  asked without tiers (its pointwise calls on every response, and the pairwise bound).
 Re-asks of unreadable answers and provider retries are not in the plan (at most `max_attempts`
 and the endpoint's retries times the counts).
 """
@@ -187,7 +189,27 @@ def _judge_bounds(
     reasoning) by their bounds, where any of the judge's pointwise verdicts is still to come."""
     rows = judgments.to_pylist()
     planned_rids = {r["response_id"] for r in responses.to_pylist() if PLANNED in (r["text"] or "")}
+    first_pending = any(
+        recorder.kinds.get(("judge", branch, j.name), Counter())["pointwise"] > 0
+        for j in config.judges
+        if j.tier != "second"
+    )
     for judge in config.judges:
+        if judge.tier == "second" and first_pending:
+            # What a second judge is asked follows the first pass's answers: at most what it
+            # would be asked without tiers (every pointwise call, the pairwise bound).
+            line = recorder.lines.get(("judge", branch, judge.name))
+            if line is None:
+                line = recorder.lines[("judge", branch, judge.name)] = Line(
+                    "judge", branch, judge.name
+                )
+            kinds_per_response = int(config.stages.judge.safety) + int(
+                bool(config.stages.judge.aspects)
+            )
+            most = responses.num_rows * kinds_per_response + _pairwise_bound(config, responses)
+            line.bound = max(line.to_send + line.bound, most)
+            line.to_send = 0
+            continue
         line = recorder.lines.get(("judge", branch, judge.name))
         if line is None:
             continue
