@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
+from vlpref import request_events
 from vlpref.chat import ChatRequest, ChatResult, Failure
 from vlpref.earlystop import DEFAULT_EARLY_STOP_AFTER, Check, EarlyStop, cause_of
 from vlpref.journal import Journal
@@ -273,6 +274,7 @@ class ModelService:
             while True:
                 item = results.get()
                 if isinstance(item, ChatResult):
+                    request_events.observe(item)  # the live progress (a no-op unless watched)
                     yield item
                 elif item is _DONE:
                     break
