@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import sys
@@ -88,6 +89,15 @@ def run(
             "what was sent at the end (kept in the manifest)",
         ),
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="also show Prefect's log lines on the console (they always go to the run's log "
+            "file, <workspace>/logs/run-<UTC time>.log)",
+        ),
+    ] = False,
 ) -> None:
     """Build a new dataset version (one Prefect flow run)."""
     import time
@@ -113,13 +123,28 @@ def run(
     leaves = load_taxonomy(cfg.taxonomy).select(selected)
     started = time.perf_counter()
     from flows.runners import task_runner
+    from vlpref.run_log import log_file_path
 
     chosen = task_runner(runner, workers=workers, address=address)
+    log_file = log_file_path(cfg.workspace)
     with skipped():
         version_id = _run_with_progress(
-            str(config), only or None, len(leaves), chosen, retry_failed=retry_failed, plan=plan
+            str(config),
+            only or None,
+            len(leaves),
+            chosen,
+            retry_failed=retry_failed,
+            plan=plan,
+            verbose=verbose,
+            log_file=log_file,
         )
-    print_summary(str(config), version_id, time.perf_counter() - started, console=Console())
+    print_summary(
+        str(config),
+        version_id,
+        time.perf_counter() - started,
+        console=Console(),
+        log_file=str(log_file),
+    )
 
 
 def _run_with_progress(
@@ -130,50 +155,83 @@ def _run_with_progress(
     *,
     retry_failed: str | None = None,
     plan: bool = False,
+    verbose: bool = False,
+    log_file: Path | None = None,
 ) -> str:
-    """Run the flow with progress bars. The run summary the flow hands over is printed when
-    the run fails (a run that succeeds prints it with the version's summary)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Run the flow with the live per-stage board (`vlpref/console_board.py`) on a terminal, a
+    line per finished stage when piped; Prefect's log lines go to `log_file` (by default a new
+    one in the workspace, `vlpref/run_log.py`) and, with `verbose`, to the console too. The run
+    summary the flow hands over is printed when the run fails (a run that succeeds prints it with
+    the version's summary)."""
+    from rich.live import Live
 
     from flows import progress
     from flows.build import STAGES, build_dataset
+    from flows.stages import STAGES as STAGE_TABLE
+    from vlpref.config import load_config
+    from vlpref.console_board import StageBoard, finished_line
     from vlpref.prefect_server import prefect_api
+    from vlpref.run_log import log_file_path, route_logs
 
-    # Without PREFECT_API_URL, a server of our own that Ctrl-C leaves for us to stop (see there).
-    with (
-        prefect_api(log=lambda line: console.print(line, markup=False)),
-        Progress(
-            TextColumn("{task.description:<10}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as bars,
-    ):
-        ids = {stage: bars.add_task(stage, total=branches) for stage in STAGES}
+    if log_file is None:
+        log_file = log_file_path(load_config(config).workspace)
+    board = StageBoard(
+        STAGES, branches, requesting=[name for name in STAGES if STAGE_TABLE[name].journaled]
+    )
+    # No live display when piped: rich would print nothing until the end, and a line per
+    # finished stage tells a log reader how far the run got. Counts are the summary's.
+    live = console.is_terminal and not console.is_dumb_terminal
 
-        def advance(stage: str, branch_id: str, counts: dict[str, object]) -> None:
-            if stage in ids:
-                bars.advance(ids[stage])
+    def said(stages: list[str]) -> None:
+        if live:
+            return
+        views = {v.stage: v for v in board.views()}
+        for stage in stages:
+            line = finished_line(views[stage], board.elapsed(stage))
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-        summaries: list[object] = []
-        unsubscribe = progress.subscribe(advance)
-        unsubscribe_summary = progress.subscribe_summary(summaries.append)
-        try:
-            return build_dataset.with_options(task_runner=runner)(config, only, retry_failed, plan)
-        except BaseException:
-            from vlpref.report import print_run_summary
-            from vlpref.run_summary import RunSummary
+    summaries: list[object] = []
+    unsubscribes = [
+        progress.subscribe(
+            lambda stage, branch, counts: said(board.on_done(stage, branch, counts))
+        ),
+        progress.subscribe_failures(
+            lambda stage, branch, error: said(board.on_failed(stage, branch))
+        ),
+        progress.subscribe_starts(board.on_start),
+        progress.subscribe_requests(board.on_request),
+        progress.subscribe_plan(board.set_plan),
+        progress.subscribe_summary(summaries.append),
+    ]
+    console.print(f"log: {log_file}", markup=False, highlight=False, soft_wrap=True)
+    display = Live(board, console=console, refresh_per_second=4, transient=True) if live else None
+    try:
+        # Without PREFECT_API_URL, a server of our own that Ctrl-C leaves for us to stop (see
+        # there). The board is transient: the summary that follows is the one place for counts.
+        with (
+            route_logs(log_file, verbose=verbose, console=console),
+            prefect_api(log=lambda line: console.print(line, markup=False)),
+            display if display is not None else contextlib.nullcontext(),
+        ):
+            try:
+                return build_dataset.with_options(task_runner=runner)(
+                    config, only, retry_failed, plan
+                )
+            except BaseException:
+                from vlpref.report import print_run_summary
+                from vlpref.run_summary import RunSummary
 
-            bars.stop()
-            for summary in summaries:
-                if isinstance(summary, RunSummary):
-                    print_run_summary(summary, console=Console(stderr=True))
-            raise
-        finally:
+                if display is not None:
+                    display.stop()
+                for summary in summaries:
+                    if isinstance(summary, RunSummary):
+                        print_run_summary(
+                            summary, console=Console(stderr=True), log_file=str(log_file)
+                        )
+                raise
+    finally:
+        for unsubscribe in unsubscribes:
             unsubscribe()
-            unsubscribe_summary()
 
 
 versions_app = typer.Typer(help="List, show and compare dataset versions.", no_args_is_help=True)

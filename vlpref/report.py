@@ -25,6 +25,7 @@ def print_summary(
     elapsed_s: float | None = None,
     server_counters: dict[str, Any] | None = None,
     console: Console | None = None,
+    log_file: str | None = None,
 ) -> None:
     console = console or Console()
     config = load_config(config_path)
@@ -34,6 +35,8 @@ def print_summary(
     console.print(f"location: {version.path('')}", soft_wrap=True, highlight=False)
     if elapsed_s is not None:
         console.print(f"built in {elapsed_s:.1f} s")
+    if log_file is not None:  # the run's log lines (vlpref/run_log.py)
+        console.print(f"log: {log_file}", markup=False, highlight=False, soft_wrap=True)
 
     splits = Table(title="quadruples per split and category (class2)")
     splits.add_column("category")
@@ -98,9 +101,11 @@ def print_report_path(version: Version, console: Console) -> None:
     console.print(where, markup=False, highlight=False, soft_wrap=True)
 
 
-def print_run_summary(summary: RunSummary, console: Console | None = None) -> None:
+def print_run_summary(
+    summary: RunSummary, console: Console | None = None, log_file: str | None = None
+) -> None:
     """The per-stage in / out / failed table, the stages over the failure threshold, and the
-    most common failure reasons with an example of each."""
+    most common failure reasons with an example of each; then the run's log file, if given."""
     console = console or Console()
     for branch in summary.branches_failed:
         console.print(f"branch failed: {branch}", markup=False, highlight=False, soft_wrap=True)
@@ -133,3 +138,5 @@ def print_run_summary(summary: RunSummary, console: Console | None = None) -> No
         for r in summary.reasons:
             reasons.add_row(r.stage, r.kind, str(r.count), f"{r.example_item}: {r.example_reason}")
         console.print(reasons)
+    if log_file is not None:  # the run's log lines (vlpref/run_log.py)
+        console.print(f"log: {log_file}", markup=False, highlight=False, soft_wrap=True)
