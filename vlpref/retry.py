@@ -33,6 +33,7 @@ TRANSIENT_KINDS: Final = frozenset(
         "auth",  # 401/403: heals once the key is fixed (keys never enter request keys)
         "stopped",  # not sent: the stage stopped asking a model after a streak of failures
         "missing",  # the endpoint returned no sample, or a local file was not there yet
+        "filter_error",  # an image filter raised: heals once the plug-in is fixed
         "other",
     }
 )
@@ -45,6 +46,14 @@ PERMANENT_KINDS: Final = frozenset(
         "unparseable",  # the answers are journaled: re-asking returns the same text
         "no_pair",  # a selection outcome of the pairs stage, not a request
         "duplicate",  # an image already in the branch
+        "near_duplicate",  # within stages.images.near_duplicate_distance of one kept before it
+        # An image filter's rejection (filter_<name>; plug-ins' kinds are unknown, so permanent
+        # too): the same image gets the same score.
+        "filter_min_size",
+        "filter_aspect",
+        "filter_near_blank",
+        "filter_text_coverage",
+        "filter_nsfw",
         "http",  # an image URL answered 4xx
         "content_type",
         "too_large",
