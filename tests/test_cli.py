@@ -117,6 +117,53 @@ def test_versions_commands_list_show_and_diff(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "no complete version" in missing.stderr
 
 
+def test_versions_tables_read_at_80_columns(tmp_path: Path) -> None:
+    """`versions list` and `show` at 80 columns (output piped): no line wider, ids and branch
+    names whole, settings as text rather than Python reprs."""
+    from tasks.publish import branch_parts, dataset_card
+    from tests.tasks.test_publish import make_tables
+    from vlpref.config import PublishStage
+    from vlpref.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    branches = {
+        f"b{i}": {
+            "path": f"Malicious Use/Security threats/{leaf}",
+            "status": "built",
+            "rows": {"images": 5, "questions": 15, "responses": 105, "judgments": 600, "pairs": 15},
+            "stages": {},
+        }
+        for i, leaf in enumerate(("cyber", "malware"))
+    }
+    sampling = {"temperature": 0.9, "max_tokens": 160, "n": 2, "top_p": None, "stop": []}
+    manifest = {
+        "name": "cli",
+        "taxonomy": {"name": "spa-vl-demo", "hash": "236408a299d4", "branches": 2},
+        "models": [{"name": "over-compliant", "model": "sim-over-compliant", "sampling": sampling}],
+        "branches": branches,
+    }
+    first = store.publish(branch_parts("b0", make_tables(), PublishStage()), manifest, dataset_card)
+    second = store.publish(
+        branch_parts("b0", make_tables(), PublishStage()),
+        manifest,
+        dataset_card,
+        parent=first.version_id,
+    )
+    env = {**os.environ, "COLUMNS": "80"}
+    for args in (("versions", "list"), ("versions", "show", "latest")):
+        done = subprocess.run(
+            [*VLPREF, *args, "--store", store.location], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        lines = [ln for ln in done.stdout.splitlines() if not ln.startswith("location:")]
+        assert max(len(ln) for ln in lines) <= 80, done.stdout
+        assert second.version_id in done.stdout
+    shown = done.stdout
+    assert "Security threats/cyber" in shown and "Security threats/malware" in shown
+    assert "temperature=0.9 max_tokens=160 n=2" in shown and "{" not in shown
+    assert "taxonomy spa-vl-demo, 2 branches, 236408a2" in shown
+
+
 def test_run_builds_a_version_with_progress(tmp_path: Path, prefect_server: str) -> None:
     """`vlpref run` end to end in a subprocess (sim server, the session's Prefect server)."""
     import yaml

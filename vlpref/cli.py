@@ -263,15 +263,34 @@ def _config_file(config: Path | None) -> Path:
 
 
 def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title)
+    # Light borders: at 80 columns every cell of a version table keeps its text (ids whole).
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
     if not rows:
         Console().print(f"{title}: none")
         return
-    for column in rows[0]:
+    for index, column in enumerate(rows[0]):
         numbers = any(isinstance(row[column], int) for row in rows)
-        table.add_column(str(column), justify="right" if numbers else "left")
+        # The first column (what a row is) and ids keep their width, so rich narrows the
+        # others (which wrap at spaces) rather than fold a name or an id mid-word.
+        keep = index == 0 or column in ("version", "parent")
+        widest = max(len(str(row[column])) for row in rows)
+        table.add_column(
+            str(column),
+            justify="right" if numbers else "left",
+            no_wrap=numbers or keep,
+            # ... and a short word (a status) stays whole too.
+            min_width=min(widest, 32 if keep else 12) if not numbers else None,
+        )
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console().print(table)
@@ -320,19 +339,19 @@ def versions_show(
     config: ConfigOption = None,
 ) -> None:
     """What a version holds and what produced it."""
-    from vlpref.versions import branch_rows
+    from vlpref.versions import branch_rows, sampling_text, taxonomy_text
 
     st = _store(store, config)
     v = st.open(_resolve_version(st, version))
     m = v.manifest
     out = Console()
-    out.print(
-        f"[bold]{v.version_id}[/bold]  created {m.get('created_at')}  parent {m.get('parent')}"
-    )
+    out.print(f"[bold]{v.version_id}[/bold]  created {m.get('created_at')}")
+    out.print(f"parent {m.get('parent') or 'none'}", highlight=False)
     out.print(f"location: {v.path('')}", soft_wrap=True, highlight=False)
     out.print(
         f"config {str(m.get('config_hash'))[:12]}  code {m.get('code_version')}  "
-        f"taxonomy {m.get('taxonomy')}"
+        f"taxonomy {taxonomy_text(m.get('taxonomy'))}",
+        highlight=False,
     )
     if m.get("only"):
         out.print(f"branch rerun of {m['only']}; rebuilt: {m.get('rebuilt')}")
@@ -345,7 +364,12 @@ def versions_show(
         ],
     )
     models = [
-        {"role": role, "name": e["name"], "model": e["model"], "sampling": str(e["sampling"])}
+        {
+            "role": role,
+            "name": e["name"],
+            "model": e["model"],
+            "sampling": sampling_text(e["sampling"]),
+        }
         for role, entries in (
             ("response", m.get("models", [])),
             ("generator", [m["generator"]] if m.get("generator") else []),

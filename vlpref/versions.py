@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from typing import Any
 
 TABLE_COUNTS = ("images", "questions", "responses", "judgments", "pairs")
+# Column headers of `versions show`'s branch table: short, so 80 columns hold every number.
+SHORT_NAMES = {"questions": "quest.", "responses": "resp.", "judgments": "judg."}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -27,14 +29,48 @@ def summary_row(manifest: Mapping[str, Any]) -> dict[str, Any]:
     statuses: dict[str, int] = {}
     for branch in branches.values():
         statuses[branch.get("status", "built")] = statuses.get(branch.get("status", "built"), 0) + 1
+    # The id starts with its creation time (UTC), so no separate column for it: 80 columns fit.
     return {
         "version": manifest.get("version_id", ""),
-        "created": manifest.get("created_at", ""),
-        "parent": manifest.get("parent") or "",
+        "parent": short_id(manifest.get("parent")),
         "branches": ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())),
         "pairs": sum(s.get("rows", 0) for s in manifest.get("splits", {}).values()),
         "models": len(manifest.get("models", [])),
     }
+
+
+def short_id(version_id: str | None) -> str:
+    """A parent's id as `versions list` shows it: time of day and content hash
+    (`20261201T172125.406412Z-26a15aa8` -> `T172125-26a15aa8`); the full id is in `show`."""
+    if not version_id:
+        return ""
+    stamp, _, digest = version_id.partition("-")
+    _day, _, time = stamp.partition("T")
+    return f"T{time.split('.')[0].rstrip('Z')}-{digest}" if time and digest else version_id
+
+
+def short_path(path: str) -> str:
+    """A branch as `versions show` names it: its category and subcategory (the domain is in the
+    manifest and the report), `Malicious Use/Security threats/cyber` -> `Security threats/cyber`."""
+    parts = path.split("/")
+    return "/".join(parts[-2:])
+
+
+def taxonomy_text(taxonomy: Any) -> str:
+    """`spa-vl-demo, 4 branches, 236408a2` from the manifest's taxonomy block."""
+    if not isinstance(taxonomy, Mapping):
+        return str(taxonomy)
+    return (
+        f"{taxonomy.get('name')}, {taxonomy.get('branches')} branches, "
+        f"{str(taxonomy.get('hash', ''))[:8]}"
+    )
+
+
+def sampling_text(sampling: Any) -> str:
+    """The sampling settings that are set, `temperature=0.9 max_tokens=160 n=2`."""
+    if not isinstance(sampling, Mapping):
+        return str(sampling)
+    return " ".join(f"{k}={v}" for k, v in sampling.items() if v not in (None, False, [], {}))
 
 
 def damaged_row(version_id: str) -> dict[str, Any]:
@@ -42,7 +78,6 @@ def damaged_row(version_id: str) -> dict[str, Any]:
     damaged (the command prints why in a warning that names the file)."""
     return {
         "version": version_id,
-        "created": "",
         "parent": "",
         "branches": "DAMAGED",
         "pairs": "",
@@ -57,9 +92,9 @@ def branch_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
         counts = branch.get("rows", {})
         rows.append(
             {
-                "branch": branch["path"],
+                "branch": short_path(branch["path"]),
                 "status": branch.get("status", "built"),
-                **{name: counts.get(name, 0) for name in TABLE_COUNTS},
+                **{SHORT_NAMES.get(name, name): counts.get(name, 0) for name in TABLE_COUNTS},
                 "failed": sum(
                     int(stage["counts"].get("failed", 0))
                     for stage in branch.get("stages", {}).values()
