@@ -135,7 +135,13 @@ def test_versions_tables_read_at_80_columns(tmp_path: Path) -> None:
         }
         for i, leaf in enumerate(("cyber", "malware"))
     }
-    sampling = {"temperature": 0.9, "max_tokens": 160, "n": 2, "top_p": None, "stop": []}
+    sampling: dict[str, object] = {
+        "temperature": 0.9,
+        "max_tokens": 160,
+        "n": 2,
+        "top_p": None,
+        "stop": [],
+    }
     manifest = {
         "name": "cli",
         "taxonomy": {"name": "spa-vl-demo", "hash": "236408a299d4", "branches": 2},

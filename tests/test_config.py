@@ -168,7 +168,7 @@ def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
 
 
-def _judges_config(judges: list[dict[str, object]]) -> dict[str, object]:
+def _judges_config(judges: list[dict[str, str]]) -> dict[str, object]:
     return {
         "name": "x",
         "taxonomy": "builtin:demo",

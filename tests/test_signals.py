@@ -167,7 +167,7 @@ def test_ctrl_c_in_a_terminal_stops_the_run_and_its_server(tmp_path: Path, sim: 
     config = sim_config(tmp_path, sim.base_url, endpoint={"concurrency": 1}, per_branch=2)
     proc = start_run(tmp_path, config, session=True)
     wait_for(lambda: responses_journaled(tmp_path) >= 2, proc, tmp_path, "no responses")
-    err, _ = interrupt_and_check(proc, tmp_path, lambda: os.killpg(proc.pid, signal.SIGINT))
+    interrupt_and_check(proc, tmp_path, lambda: os.killpg(proc.pid, signal.SIGINT))
     # Prefect reported the run as crashed, in the run's log file (its lines are not on the
     # console without -v: docs/pipeline.md, "The console").
     (log,) = (tmp_path / "ws" / "logs").glob("run-*.log")

@@ -33,7 +33,7 @@ SIM = {
 }
 
 
-def _config(tmp: Path, base_url: str, models: list[str]) -> Path:
+def _config(tmp: Path, base_url: str, models: list[str | dict[str, Any]]) -> Path:
     data = sim_run_config(
         base_url,
         name="plan",
@@ -57,7 +57,8 @@ def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 
 
 def _totals(plan: Plan) -> dict[str, Any]:
-    return plan.to_json()["requests"]
+    totals: dict[str, Any] = plan.to_json()["requests"]
+    return totals
 
 
 def _files(folder: Path) -> list[str]:
