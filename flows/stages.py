@@ -151,7 +151,7 @@ class Stage:
 def _images_parts(config: RunConfig, leaf: Subcategory) -> list[Any]:
     """The images of a branch depend on its own source (the override that applies to it, or the
     default) and the normalisation settings; not on other branches' overrides."""
-    from tasks.images import choose_source
+    from tasks.images import choose_source, source_key_parts
 
     stage = config.stages.images
     choice = choose_source(leaf, stage)
@@ -168,6 +168,7 @@ def _images_parts(config: RunConfig, leaf: Subcategory) -> list[Any]:
         choice.exact,  # decides a folder source's layout
         settings,
         local,
+        *source_key_parts(source, config, _base_dir(config)),
     ]
 
 
@@ -212,7 +213,9 @@ def _run_images(
 ) -> tuple[StageOutput, dict[str, pa.Table]]:
     from tasks.images import collect_images
 
-    output = collect_images(leaf, config.stages.images, base_dir=_base_dir(config))
+    output = collect_images(
+        leaf, config.stages.images, base_dir=_base_dir(config), run=config, service=service
+    )
     return output, {"images": output.rows}
 
 

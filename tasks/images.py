@@ -35,12 +35,16 @@ from typing import Any, TypeVar
 from vlpref import stopping
 from vlpref.config import (
     FolderSource,
+    GenerateSource,
     ImageSource,
     ImagesStage,
     ManifestSource,
+    RetrievalSource,
+    RunConfig,
     TypographicSource,
 )
 from vlpref.errors import ConfigError
+from vlpref.images.generation import GeneratedItem, list_generated
 from vlpref.images.netguard import HostGuard
 from vlpref.images.normalize import (
     ImageRejected,
@@ -49,6 +53,7 @@ from vlpref.images.normalize import (
     normalize_bytes,
     normalize_image,
 )
+from vlpref.images.retrieval import list_retrieval, retrieval_guard
 from vlpref.images.sources import (
     Fetched,
     ImageClient,
@@ -60,15 +65,24 @@ from vlpref.images.sources import (
     list_manifest,
     make_client,
     read_local,
+    resolve_local,
     source_guard,
 )
 from vlpref.images.typographic import FONT_NAME, RENDERER, TypographicVariant, render, variants
 from vlpref.images.urls import safe_url
 from vlpref.records import IMAGES, table
+from vlpref.service import ModelService
 from vlpref.stage import FailureRow, StageOutput
 from vlpref.taxonomy import Subcategory, Taxonomy
 
-__all__ = ["SourceChoice", "check_overrides", "choose_source", "collect_images", "list_items"]
+__all__ = [
+    "SourceChoice",
+    "check_overrides",
+    "choose_source",
+    "collect_images",
+    "list_items",
+    "source_key_parts",
+]
 
 STAGE = "images"
 UNIT = "source items"
@@ -108,15 +122,28 @@ def check_overrides(stage: ImagesStage, taxonomy: Taxonomy) -> None:
 
 
 def list_items(
-    choice: SourceChoice, leaf: Subcategory, *, base_dir: Path
+    choice: SourceChoice,
+    leaf: Subcategory,
+    *,
+    base_dir: Path,
+    run: RunConfig | None = None,
+    service: ModelService | None = None,
 ) -> tuple[SourceListing, dict[int, TypographicVariant]]:
-    """What the chosen source offers this branch (typographic variants by item index)."""
+    """What the chosen source offers this branch (typographic variants by item index). The
+    generate source asks its endpoint here (`run` names it; `service`: the process's model
+    service by default), so its items come with their bytes."""
     source = choice.source
     if isinstance(source, FolderSource):
         flat = source.layout == "flat" or (source.layout == "auto" and choice.exact)
         return list_folder(source, leaf, base_dir=base_dir, flat=flat), {}
     if isinstance(source, ManifestSource):
         return list_manifest(source, leaf, base_dir=base_dir), {}
+    if isinstance(source, RetrievalSource):
+        return list_retrieval(source, leaf, base_dir=base_dir), {}
+    if isinstance(source, GenerateSource):
+        if run is None:
+            raise ConfigError("the generate source needs the run config (its endpoint)")
+        return list_generated(source, leaf, run, service)[0], {}
     listing = SourceListing()
     chosen: dict[int, TypographicVariant] = {}
     for variant in variants(leaf, source.per_branch):
@@ -135,12 +162,49 @@ def list_items(
     return listing, chosen
 
 
-def collect_images(leaf: Subcategory, stage: ImagesStage, *, base_dir: Path) -> StageOutput:
-    """Collect, validate, normalise and deduplicate the images of one branch."""
+def source_key_parts(source: ImageSource, run: RunConfig, base_dir: Path) -> list[Any]:
+    """What a source's images depend on beyond its own settings, for the stage key (empty for
+    the sources whose keys predate this, so their keys stay as they were): a retrieval index's
+    build (its `index.json`, rewritten by each build) and, for a generate source, the prompt
+    template's version and the endpoint's kind and cache namespace (as model entries enter
+    keys: never the endpoint's URL or credentials)."""
+    if isinstance(source, RetrievalSource) and source.index is not None:
+        meta = resolve_local(source.index, base_dir, what="retrieval index") / "index.json"
+        found = meta.stat() if meta.is_file() else None
+        return [["index", found.st_size, found.st_mtime_ns] if found else ["index", "missing"]]
+    if isinstance(source, GenerateSource):
+        from vlpref.prompts import load_prompt
+
+        endpoint = run.endpoints.get(source.endpoint, {})
+        return [
+            [
+                "generate",
+                load_prompt(source.template, run.prompts_dir).version,
+                endpoint.get("kind", "openai"),
+                endpoint.get("cache_namespace", ""),
+            ]
+        ]
+    return []
+
+
+def collect_images(
+    leaf: Subcategory,
+    stage: ImagesStage,
+    *,
+    base_dir: Path,
+    run: RunConfig | None = None,
+    service: ModelService | None = None,
+) -> StageOutput:
+    """Collect, validate, normalise and deduplicate the images of one branch. `run` and
+    `service`: for a generate source (its endpoint, journal and budget)."""
     choice = choose_source(leaf, stage)
-    listing, typo = list_items(choice, leaf, base_dir=base_dir)
+    listing, typo = list_items(choice, leaf, base_dir=base_dir, run=run, service=service)
     canvas = choice.source.size if isinstance(choice.source, TypographicSource) else 0
-    guard = source_guard(choice.source) if isinstance(choice.source, ManifestSource) else None
+    guard: HostGuard | None = None
+    if isinstance(choice.source, ManifestSource):
+        guard = source_guard(choice.source)
+    elif isinstance(choice.source, RetrievalSource):
+        guard = retrieval_guard(choice.source)
     loaded = _run(_load_all(listing, typo, canvas, stage, guard))
 
     rows: list[dict[str, Any]] = []
@@ -229,6 +293,12 @@ async def _load_all(
                             return await asyncio.to_thread(
                                 _typographic, typo[index], canvas, options
                             )
+                    if isinstance(item, GeneratedItem):  # its bytes (or failure) came with it
+                        if item.failure is not None:
+                            return item.failure
+                        async with cpu:
+                            generated = await asyncio.to_thread(normalize_bytes, item.data, options)
+                        return generated, {}
                     if item.url is None:
                         assert item.path is not None and root is not None
                         async with cpu:

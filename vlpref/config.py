@@ -294,26 +294,145 @@ class ManifestSource(_Strict):
     @field_validator("allow_hosts")
     @classmethod
     def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        import ipaddress
-        import re
+        return _check_allow_hosts(value)
 
-        name = re.compile(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_-]+)*\.?")
-        for entry in value:
-            try:
-                ipaddress.ip_network(entry.strip().strip("[]"), strict=False)
-                continue
-            except ValueError:
-                pass
-            if not name.fullmatch(entry.strip()):
-                raise ValueError(
-                    f"allow_hosts entry {entry!r} is neither a hostname (`images.internal`, "
-                    "`*.internal`) nor an address or network (`10.0.0.0/8`)"
-                )
-        return value
+
+def _check_allow_hosts(value: tuple[str, ...]) -> tuple[str, ...]:
+    """`allow_hosts` entries: hostnames (`*.internal` too) or addresses and networks."""
+    import ipaddress
+    import re
+
+    name = re.compile(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_-]+)*\.?")
+    for entry in value:
+        try:
+            ipaddress.ip_network(entry.strip().strip("[]"), strict=False)
+            continue
+        except ValueError:
+            pass
+        if not name.fullmatch(entry.strip()):
+            raise ValueError(
+                f"allow_hosts entry {entry!r} is neither a hostname (`images.internal`, "
+                "`*.internal`) nor an address or network (`10.0.0.0/8`)"
+            )
+    return value
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value
+
+
+class KnnService(_Strict):
+    """A clip-retrieval-compatible KNN service (`clip-retrieval back`, the way LAION indices are
+    served): `url` is its `/knn-service` endpoint. The service itself is trusted like a model
+    endpoint; the image URLs it answers are not, and are downloaded under the source's
+    `allow_private` / `allow_hosts` (docs/security.md)."""
+
+    url: str = Field(description="the service's /knn-service URL")
+    indice_name: str = Field(min_length=1, max_length=200)
+    modality: Literal["image", "text"] = Field(
+        default="image", description="which embeddings of the index to search (image: pictures)"
+    )
+    deduplicate: bool = True
+    # The service's NSFW screen: on, since nobody should collect sexual content by accident; a
+    # safety dataset still wants violence, weapons and drugs, so the violence detector is off.
+    use_safety_model: bool = True
+    use_violence_detector: bool = False
+    aesthetic_score: int | None = Field(default=None, ge=0, le=9)
+    aesthetic_weight: float | None = Field(default=None, ge=0, le=1)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    attempts: int = Field(default=3, ge=1, le=20)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+
+class RetrievalSource(_Strict):
+    """Images retrieved per branch by CLIP similarity to queries made from the branch's key
+    phrase and keywords (SPA-VL's recipe): from a local index that `vlpref index build` made
+    over your own images (`index`, the embedded default) or from a clip-retrieval KNN service
+    (`service`). docs/images.md has both."""
+
+    kind: Literal["retrieval"]
+    index: str | None = Field(default=None, description="a folder made by `vlpref index build`")
+    model: str | None = Field(
+        default=None,
+        description="the open_clip model folder that embeds the queries; default: the one "
+        "the index was built with (it must be that model)",
+    )
+    service: KnnService | None = None
+    queries: tuple[Literal["key_phrase", "keywords"], ...] = Field(
+        default=("key_phrase", "keywords"), min_length=1, max_length=2
+    )
+    query_template: str = Field(
+        default="{query}", max_length=500, description="each query's text; `{query}` is replaced"
+    )
+    top_k: int = Field(default=8, ge=1, le=1000, description="results asked per query")
+    per_branch: int = Field(default=16, ge=1, le=10_000, description="images kept per branch")
+    min_similarity: float | None = Field(
+        default=None, ge=-1, le=1, description="results less similar than this are dropped"
+    )
+    root: str | None = Field(
+        default=None,
+        description="embedded index: the folder its images must lie in (symlinks resolved); "
+        "default: the folder the index was built over",
+    )
+    allow_private: bool = Field(
+        default=False, description="let the service's URLs reach loopback and private addresses"
+    )
+    allow_hosts: tuple[str, ...] = Field(
+        default=(),
+        max_length=1000,
+        description="hostnames and networks the service's URLs may reach whatever they resolve to",
+    )
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_allow_hosts(value)
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> RetrievalSource:
+        if (self.index is None) == (self.service is None):
+            raise ValueError("give exactly one of `index` (a local index) and `service`")
+        if self.service is not None and (self.model is not None or self.root is not None):
+            raise ValueError("`model` and `root` belong to a local `index`, not a `service`")
+        if "{query}" not in self.query_template:
+            raise ValueError("query_template must contain {query}")
+        return self
+
+
+class GenerateSource(_Strict):
+    """Images generated per branch by an OpenAI-compatible image endpoint
+    (`/v1/images/generations`): one prompt per image from the template `template` (in the
+    prompts folder), through the model seam's journal, retries, rate limits and budget."""
+
+    kind: Literal["generate"]
+    endpoint: Name = Field(description="an entry of `endpoints:` (kind openai)")
+    model: str = Field(min_length=1, max_length=200)
+    # The name budgets know it by (`budget.per_model`), like a model entry's.
+    name: Name = "image-generator"
+    template: str = Field(default="image_generation", pattern=r"^[A-Za-z0-9_.-]+$")
+    per_branch: int = Field(default=4, ge=1, le=1000)
+    size: str = Field(default="1024x1024", pattern=r"^(auto|[1-9][0-9]{1,4}x[1-9][0-9]{1,4})$")
+    quality: str | None = Field(default=None, max_length=40)
+    style: str | None = Field(default=None, max_length=40)
+    # OpenAI's image API has no seed (and refuses unknown fields); many local diffusion servers
+    # take one. Set, image i of a branch is asked with seed + i.
+    seed: int | None = None
+    extra_body: dict[str, Any] = Field(default_factory=dict, max_length=32)
+    # Image APIs are paced apart from chat (OpenAI counts images per minute): unset, the
+    # endpoint's own concurrency and rpm apply to image requests separately.
+    concurrency: int | None = Field(default=None, ge=1, le=256)
+    rpm: float | None = Field(default=None, gt=0)
 
 
 ImageSource = Annotated[
-    TypographicSource | FolderSource | ManifestSource, Field(discriminator="kind")
+    TypographicSource | FolderSource | ManifestSource | RetrievalSource | GenerateSource,
+    Field(discriminator="kind"),
 ]
 
 

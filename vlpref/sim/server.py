@@ -1,6 +1,7 @@
 """The simulated OpenAI-compatible HTTP server (aiohttp.web) - a test double, not a model.
 
-Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, the batch API (POST /v1/files,
+Endpoints: POST /v1/chat/completions, POST /v1/images/generations (`vlpref.sim.images_api`),
+GET /v1/models, GET /health, the batch API (POST /v1/files,
 GET /v1/files/{id}/content, POST/GET /v1/batches, GET /v1/batches/{id}, POST
 /v1/batches/{id}/cancel: `vlpref.sim.batches`), and the introspection endpoints GET
 /sim/counters, GET /sim/requests, POST /sim/reset.
@@ -765,4 +766,7 @@ def create_app(config: SimConfig) -> web.Application:
     from vlpref.sim.batches import add_batch_routes
 
     add_batch_routes(app)
+    from vlpref.sim.images_api import images_generations
+
+    app.router.add_post("/v1/images/generations", images_generations)
     return app
