@@ -34,10 +34,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vlpref.chat import SamplingParams
 from vlpref.errors import ConfigError, ProviderError
@@ -67,10 +76,16 @@ _USER_NAMED: frozenset[tuple[int | str, ...]] = frozenset(
         ("stages", "images", "overrides"),
         ("stages", "publish", "splits"),
         ("stages", "pairs", "weights"),
+        ("storage",),  # URL prefixes: a bucket named `s3://secrets` holds no secret
     }
 )
+# `storage:` fields that hold the *name* of an environment variable (named like credentials,
+# holding none), checked as such by `_find_secrets`.
+STORAGE_ENV_FIELDS = frozenset({"key_env", "secret_env", "token_env"})
 # Fields whose input an error never quotes: the names of secrets, and what is sent with requests.
-_UNQUOTED = NAME_OF_SECRET_FIELDS | {"headers", "extra_body", "env", "extra_args"}
+_UNQUOTED = (
+    NAME_OF_SECRET_FIELDS | STORAGE_ENV_FIELDS | {"headers", "extra_body", "env", "extra_args"}
+)
 _USE_ENV = (
     "put the key in an environment variable and give its name as api_key_env (or a Prefect "
     "Secret block name as api_key_secret)"
@@ -620,6 +635,120 @@ class Budget(BudgetLimits):
     per_model: dict[Name, BudgetLimits] = Field(default_factory=dict, max_length=MAX_MODELS + 17)
 
 
+_S3 = ("s3", "s3a")  # the protocols whose options StorageLocation names
+
+
+class StorageLocation(_Strict):
+    """fsspec options for the workspace, journal and store locations under one URL prefix
+    (`storage: {"s3://bucket": {...}}`, docs/cluster.md). The named fields are s3fs's (any
+    S3-compatible store); `options` goes to the backend as written, for anything else.
+    Credentials are the *names* of environment variables, read on each host where a filesystem
+    is opened (vlpref/fs.py), so the config that travels to the workers holds none."""
+
+    endpoint_url: str | None = Field(default=None, description="e.g. http://minio.internal:9000")
+    region: str | None = Field(default=None, max_length=64)
+    anon: bool | None = Field(default=None, description="unsigned requests (a public bucket)")
+    key_env: str | None = Field(default=None, description="variable holding the access key id")
+    secret_env: str | None = Field(default=None, description="variable holding the secret key")
+    token_env: str | None = Field(default=None, description="variable holding a session token")
+    options: dict[str, Any] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("credentials in a URL are refused: name variables in key_env etc.")
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> StorageLocation:
+        if (self.key_env is None) != (self.secret_env is None):
+            raise ValueError("key_env and secret_env go together (an access key id and its secret)")
+        return self
+
+    def named(self) -> dict[str, object]:
+        """The named fields that are set."""
+        fields = ("endpoint_url", "region", "anon", *sorted(STORAGE_ENV_FIELDS))
+        return {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
+
+    def fsspec_options(self, protocol: str) -> dict[str, Any]:
+        """fsspec's keyword arguments, the credentials read from this process's environment
+        now: on a worker, its own variables."""
+        import os
+        import socket
+
+        out: dict[str, Any] = dict(self.options)
+        if protocol not in _S3:
+            return out
+        env = {"key": self.key_env, "secret": self.secret_env, "token": self.token_env}
+        for option, name in env.items():
+            if name is None:
+                continue
+            value = os.environ.get(name)
+            if not value:
+                raise ConfigError(
+                    f"storage: {name} is not set on {socket.gethostname()}: it is named as "
+                    f"{option}_env for a {protocol}:// location; set it on every host that runs "
+                    "the flow or its tasks (docs/cluster.md)"
+                )
+            out[option] = value
+        if self.endpoint_url is not None:
+            out["endpoint_url"] = self.endpoint_url
+        if self.anon is not None:
+            out["anon"] = self.anon
+        if self.region is not None:
+            out["client_kwargs"] = {**out.get("client_kwargs", {}), "region_name": self.region}
+        return out
+
+
+class Storage(RootModel[dict[str, StorageLocation]]):
+    """`storage:` by URL prefix. Each process that holds a config opens filesystems with its
+    options (`vlpref.fs.use_storage`): when the config is validated, and when it is unpickled on
+    a Dask or Ray worker as a task's argument, so the options reach every worker without
+    environment variables set there for them."""
+
+    model_config = ConfigDict(frozen=True)
+    root: dict[str, StorageLocation] = Field(default_factory=dict, max_length=64)
+
+    @model_validator(mode="after")
+    def _prefixes(self) -> Storage:
+        import fsspec
+
+        for prefix, location in self.root.items():
+            protocol, sep, rest = prefix.partition("://")
+            if not sep or not rest.strip("/"):
+                raise _LocatedError(
+                    ("storage", prefix),
+                    "expected a URL prefix such as s3://bucket or s3://bucket/team",
+                )
+            if "@" in rest.split("/", 1)[0]:
+                raise _LocatedError(("storage", prefix), "credentials in a URL are refused")
+            if protocol not in fsspec.available_protocols():
+                raise _LocatedError(("storage", prefix), f"unknown fsspec protocol {protocol!r}")
+            if protocol not in _S3 and location.named():
+                raise _LocatedError(
+                    ("storage", prefix, next(iter(location.named()))),
+                    f"the named fields are s3fs's (s3:// locations); give {protocol}:// "
+                    "options under `options`",
+                )
+        return self
+
+    def model_post_init(self, context: Any, /) -> None:
+        from vlpref.fs import use_storage
+
+        use_storage(self.root)
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        from vlpref.fs import use_storage
+
+        super().__setstate__(state)
+        use_storage(self.root)
+
+
 class RunConfig(_Strict):
     name: Name
     taxonomy: str
@@ -679,6 +808,8 @@ class RunConfig(_Strict):
     # Operational too: a budget limits what one run sends, never what a version holds.
     budget: Budget = Budget()
     exports: Exports = Exports()
+    # Operational: where files live, and how to open them there.
+    storage: Storage = Field(default_factory=Storage)
 
     @field_validator("taxonomy")
     @classmethod
@@ -752,6 +883,7 @@ class RunConfig(_Strict):
             "judge_eval",
             "budget",
             "exports",
+            "storage",
         )
         exclude: dict[str, Any] = {name: True for name in operational}
         exclude.update(
@@ -779,6 +911,14 @@ def _find_secrets(
             here = (*loc, key)
             if isinstance(key, str) and contains_secret(key):
                 return here, f"this name looks like an API key or token (not shown); {_USE_ENV}"
+            if loc[:1] == ("storage",) and len(loc) == 2 and key in STORAGE_ENV_FIELDS:
+                if isinstance(value, str) and not is_env_var_name(value):
+                    return here, (
+                        "expected the NAME of an environment variable (such as "
+                        "AWS_SECRET_ACCESS_KEY) that holds the credential, not the credential "
+                        "itself; the value is not shown"
+                    )
+                continue
             if isinstance(key, str) and not user_named and is_credential_name(key):
                 return here, (
                     "secrets may not be written in a config file (this field is named like a "
@@ -829,22 +969,32 @@ def _written_loc(data: Any, loc: tuple[int | str, ...]) -> tuple[int | str, ...]
 def _error(file: str, lines: Lines, loc: tuple[int | str, ...], message: str) -> ConfigError:
     line = lines.line(loc)
     where = f"line {line}: " if line else ""
-    return ConfigError(f"{where}{message}", file=file, field=format_loc(loc))
+    # Redacted: a mapping key the user named (an endpoint, a storage URL) may hold a password.
+    return ConfigError(f"{where}{message}", file=file, field=redact(format_loc(loc)))
 
 
-def _resolve_path(base: Path, value: str) -> str:
+def _resolve_path(base: Path | str, value: str) -> str:
+    """`value` against the config's folder: a local folder, or a URI's (a config read from
+    shared storage names what lies beside it there)."""
     if "://" in value or Path(value).is_absolute():
         return value
+    if isinstance(base, str):
+        protocol, _, inside = base.partition("://")
+        return f"{protocol}://{posixpath.normpath(posixpath.join(inside, value))}"
     return str((base / value).resolve())
 
 
-def _resolve_taxonomy(base: Path, value: str) -> str:
+def _resolve_taxonomy(base: Path | str, value: str) -> str:
     """`builtin:<name>` is the taxonomy file vlpref ships (the name was checked on validation)."""
     return str(builtin_taxonomy(value)) if is_builtin(value) else _resolve_path(base, value)
 
 
 def parse_config(
-    data: Any, *, file: str = "<config>", lines: Lines | None = None, base_dir: Path | None = None
+    data: Any,
+    *,
+    file: str = "<config>",
+    lines: Lines | None = None,
+    base_dir: Path | str | None = None,
 ) -> RunConfig:
     """Validate an already-parsed config mapping."""
     lines = lines or Lines(None)
@@ -907,7 +1057,29 @@ def _describe(error: Any) -> str:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a run config; relative paths inside it are resolved against its folder."""
-    path = Path(path)
-    data, lines = load_yaml(path)
-    return parse_config(data, file=str(path), lines=lines, base_dir=path.resolve().parent)
+    """Read and validate a run config; relative paths inside it are resolved against its folder.
+
+    `path` may be an fsspec URI, so that every worker of a cluster reads one config from shared
+    storage (docs/cluster.md): `file://` is a local path; for `s3://...` and the like, relative
+    locations in it (the taxonomy, workspace, store) lie beside it there. The config is read
+    before its own `storage:` options are known: its location is opened with the backend's
+    usual environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
+    location = str(path)
+    if location.startswith("file://"):
+        location = location.removeprefix("file://")
+    if "://" not in location:
+        local = Path(location)
+        data, lines = load_yaml(local)
+        return parse_config(data, file=str(local), lines=lines, base_dir=local.resolve().parent)
+    data, lines = load_yaml(location)
+    base = location.rsplit("/", 1)[0]
+    prompts_dir = data.get("prompts_dir") if isinstance(data, dict) else None
+    if prompts_dir and not Path(str(prompts_dir)).is_absolute():
+        raise _error(
+            location,
+            lines,
+            ("prompts_dir",),
+            "prompt templates are read from local files: a config read from shared storage "
+            "names its prompts_dir by an absolute path that exists on every worker",
+        )
+    return parse_config(data, file=location, lines=lines, base_dir=base)

@@ -208,14 +208,27 @@ def loads_yaml(text: str) -> tuple[Any, yaml.Node | None]:
 
 def read_yaml_text(path: str | Path, what: str = "") -> str:
     """A YAML file's text; one larger than `MAX_FILE_BYTES` is a ConfigError, unread. `what`
-    names the file in messages (`cannot read taxonomy file: ...`)."""
-    path = Path(path)
+    names the file in messages (`cannot read taxonomy file: ...`). An fsspec URI (`s3://...`) is
+    read through vlpref/fs.py: a config and its taxonomy may live on shared storage."""
     what = f" {what}" if what else ""
-    try:
-        with path.open("rb") as stream:
-            raw = stream.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read{what}: {exc.strerror or exc}", file=str(path)) from exc
+    if "://" in str(path):
+        from vlpref.fs import resolve
+
+        try:
+            fs, inside = resolve(str(path))
+            with fs.open(inside, "rb") as remote:
+                raw: bytes = remote.read(MAX_FILE_BYTES + 1)
+        except Exception as exc:  # any backend's error (botocore's are not OSErrors)
+            raise ConfigError(
+                f"cannot read{what}: {type(exc).__name__}: {exc}", file=str(path)
+            ) from exc
+    else:
+        path = Path(path)
+        try:
+            with path.open("rb") as stream:
+                raw = stream.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read{what}: {exc.strerror or exc}", file=str(path)) from exc
     if len(raw) > MAX_FILE_BYTES:
         limit = MAX_FILE_BYTES // (1024 * 1024)
         raise ConfigError(f"cannot read{what}: larger than {limit} MiB", file=str(path))
@@ -277,8 +290,8 @@ def format_loc(loc: Sequence[int | str]) -> str:
 
 def load_yaml(path: str | Path) -> tuple[Any, Lines]:
     """Parse one YAML file within the loader's bounds; any problem becomes a ConfigError with
-    its line."""
-    path = Path(path)
+    its line. `path` may be an fsspec URI."""
+    path = str(path) if "://" in str(path) else Path(path)
     text = read_yaml_text(path)
     try:
         data, node = loads_yaml(text)
