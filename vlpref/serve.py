@@ -5,6 +5,10 @@ with `flow.to_deployment` and serves them all from this process with `prefect.se
 runs and runs triggered through the API (`prefect deployment run`, the UI, `run_deployment`)
 execute here. Schedules need a real Prefect server (`prefect server start`); the ephemeral one
 refuses them, so PREFECT_API_URL must be set.
+
+The yaml's `build:` and `pull:` steps are for `prefect deploy` and a work pool's workers on other
+hosts (vlpref/deploy_steps.py, docs/cluster.md); serving runs this checkout's code in this
+process, so neither applies here.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ def _expand(value: Any, overrides: Mapping[str, str]) -> Any:
         def replace(match: re.Match[str]) -> str:
             name = match.group(1)
             found = overrides.get(name, os.environ.get(name))
-            if found is None:
-                raise ConfigError(f"{{{{ ${name} }}}} is used but {name} is not set")
+            if not found:  # an empty value would deploy `config: ''` and fail at 02:00
+                raise ConfigError(f"{{{{ ${name} }}}} is used but {name} is not set (or empty)")
             return found
 
         return _ENV.sub(replace, value)
@@ -38,6 +42,12 @@ def _expand(value: Any, overrides: Mapping[str, str]) -> Any:
     if isinstance(value, dict):
         return {k: _expand(v, overrides) for k, v in value.items()}
     return value
+
+
+def _location(config: str) -> str:
+    """A URI as given (the config on shared storage); a path made absolute, so that a run does not
+    depend on the folder the server runs it in."""
+    return config if "://" in config else str(Path(config).resolve())
 
 
 def read_deployments(
@@ -49,7 +59,7 @@ def read_deployments(
     entries = data.get("deployments")
     if not isinstance(entries, list) or not entries:
         raise ConfigError("no deployments", file=str(path), field="deployments")
-    overrides = {"VLPREF_CONFIG": str(Path(config).resolve())} if config else {}
+    overrides = {"VLPREF_CONFIG": _location(config)} if config else {}
     out = []
     for index, entry in enumerate(entries):
         for required in ("name", "entrypoint"):

@@ -27,6 +27,18 @@ def test_prefect_yaml_declares_the_nightly_and_branch_deployments() -> None:
     assert entries["nightly"]["schedules"][0]["cron"] == "0 2 * * *"
     assert entries["nightly"]["parameters"]["config"] == str(Path("x.yaml").resolve())
     assert entries["branch-rerun"]["parameters"]["only"] == []
+    assert entries["nightly"]["parameters"]["runner"] == "threads"
+    # A URI stays a URI (a config on shared storage); an empty variable is refused.
+    uri = read_deployments(REPO / "prefect.yaml", config="s3://team/vlpref/nightly.yaml")
+    assert uri[0]["parameters"]["config"] == "s3://team/vlpref/nightly.yaml"
+
+
+def test_serve_refuses_an_empty_config_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlpref.errors import ConfigError
+
+    monkeypatch.setenv("VLPREF_CONFIG", "")
+    with pytest.raises(ConfigError, match="VLPREF_CONFIG is not set"):
+        read_deployments(REPO / "prefect.yaml")
 
 
 def write_config(tmp: Path, base_url: str) -> Path:
@@ -118,13 +130,19 @@ def test_served_deployments_build_versions(tmp_path: Path, prefect_server: str) 
 
             full: Any = run_deployment("build-dataset/nightly", timeout=240, poll_interval=1)
             assert full.state is not None and full.state.is_completed(), full.state
+            # The deployment's task runner is a parameter: this run's tasks go to Dask workers.
             rerun: Any = run_deployment(
                 "build-dataset/branch-rerun",
-                parameters={"only": [CYBER]},
+                parameters={"only": [CYBER], "runner": "dask", "workers": 2},
                 timeout=240,
                 poll_interval=1,
             )
             assert rerun.state is not None and rerun.state.is_completed(), rerun.state
+            # The UI's quick run: the deployment's own `only: []`, refused in one line.
+            quick: Any = run_deployment("build-dataset/branch-rerun", timeout=120, poll_interval=1)
+            assert quick.state is not None and quick.state.is_failed(), quick.state
+            message = quick.state.message
+            assert "none is given" in message and "\n" not in message.strip(), message
         finally:
             served.terminate()
             try:
