@@ -8,6 +8,13 @@ reason. A duplicate (same `image_id` as an earlier item of the branch) is a fail
 n_failed` stays exact, and `extra["duplicates"]` counts them for anyone who wants errors only.
 Manifest rows of other branches are not this branch's input: `extra["skipped_rows"]`.
 
+Screening, after loading and before any model sees an image: each loaded image is hashed
+(`phash`) and run through the configured filters (vlpref/images/filters.py), in threads; then, in
+source order, a filter's rejection is a failure of kind `filter_<name>` and an image within
+`near_duplicate_distance` bits of one already kept is a `near_duplicate` naming it
+(vlpref/images/dedupe.py). `extra` counts them (`near_duplicates`, `filtered` per filter) and
+splits in/out/failed per source kind (`by_source`). docs/images.md has the why of each choice.
+
 What is published names local files relative to the source's root and URLs as `safe_url` gives
 them (item ids, `source_meta`, failure reasons): no absolute path, no credential. Local files are
 read only inside the root, URLs fetched only where the source's `HostGuard` allows, and decoding
@@ -23,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import io
 import json
 import os
 from collections import Counter
@@ -31,6 +39,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from PIL import Image
 
 from vlpref import stopping
 from vlpref.config import (
@@ -44,12 +54,24 @@ from vlpref.config import (
     TypographicSource,
 )
 from vlpref.errors import ConfigError
+from vlpref.images.dedupe import HASH_BITS, HashIndex, phash
+from vlpref.images.filters import (
+    FILTER_ERROR,
+    SCREEN_SIDE,
+    FilterImage,
+    Screening,
+    build_filters,
+    rejection_kind,
+    screen,
+)
 from vlpref.images.generation import GeneratedItem, list_generated
 from vlpref.images.netguard import HostGuard
 from vlpref.images.normalize import (
     ImageRejected,
     NormalizedImage,
     NormalizeOptions,
+    decode_budget,
+    decode_cost,
     normalize_bytes,
     normalize_image,
 )
@@ -206,32 +228,35 @@ def collect_images(
     elif isinstance(choice.source, RetrievalSource):
         guard = retrieval_guard(choice.source)
     loaded = _run(_load_all(listing, typo, canvas, stage, guard))
+    screenings = _screen_all(loaded, stage)
 
     rows: list[dict[str, Any]] = []
     failures: list[FailureRow] = list(listing.failures)
+    failed_sources: list[str] = [choice.source.kind] * len(listing.failures)
     first_seen: dict[str, str] = {}
-    for item, outcome in zip(listing.items, loaded, strict=True):
-        if isinstance(outcome, ImageRejected):
-            failures.append(
-                FailureRow(item.item_id, outcome.kind, outcome.reason, outcome.attempts)
-            )
+    near = HashIndex()
+    limit = stage.near_duplicate_distance
+    for item, outcome, screened in zip(listing.items, loaded, screenings, strict=True):
+        failure = _keep_or_fail(item, outcome, screened, first_seen, near, limit)
+        if failure is not None:
+            failures.append(failure)
+            failed_sources.append(item.source)
             continue
+        assert not isinstance(outcome, ImageRejected) and screened is not None
         image, meta = outcome
-        earlier = first_seen.get(image.image_id)
-        if earlier is not None:
-            reason = f"same image as {earlier} (image_id {image.image_id[:16]})"
-            failures.append(FailureRow(item.item_id, "duplicate", reason))
-            continue
         first_seen[image.image_id] = item.item_id
-        rows.append(_row(leaf, item, image, meta))
+        rows.append(_row(leaf, item, image, meta, screened))
 
     kinds = Counter(f.kind for f in failures)
     extra: dict[str, Any] = {
         "source": choice.source.kind,
         "override": choice.override,
         "duplicates": kinds.get("duplicate", 0),
+        "near_duplicates": kinds.get(NEAR_DUPLICATE, 0),
         "skipped_rows": listing.skipped,
         "failed_by_kind": dict(sorted(kinds.items())),
+        "by_source": _by_source([r["source"] for r in rows], failed_sources),
+        "filtered": _filtered(failures),
     }
     if listing.notes:
         extra["notes"] = list(listing.notes)
@@ -244,6 +269,112 @@ def collect_images(
         failures=tuple(failures),
         extra=extra,
     )
+
+
+# --------------------------------------------------------------------------- screening
+
+NEAR_DUPLICATE = "near_duplicate"
+# Rendered key phrases are near-copies by design: a branch's variants are one phrase in other
+# palettes and placements (to the hash, the same picture: 216 variants fall to 28 at distance
+# 10), and exact duplicates among them are already caught. Their variety is the source's point.
+NEAR_DUPLICATE_EXEMPT = frozenset({"typographic"})
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A loaded image's perceptual hash and what the configured filters said of it."""
+
+    phash: str
+    screening: Screening
+
+
+def _screen_all(loaded: list[_Outcome], stage: ImagesStage) -> list[Screened | None]:
+    """Hash and screen every loaded image (None for the rejected ones), in threads.
+
+    Before the keep-or-fail pass, which is sequential (what an image is compared with depends
+    on what was kept before it); this part is not, and it is the part that costs CPU."""
+    filters = build_filters([spec.model_dump() for spec in stage.filters])
+    budget = decode_budget(stage.decode_pixel_budget)
+
+    def one(outcome: _Outcome) -> Screened | None:
+        if isinstance(outcome, ImageRejected):
+            return None
+        stopping.check()
+        image = outcome[0]
+        with budget.hold(decode_cost((image.width, image.height), "RGB")):
+            thumb = _thumbnail(image.data)
+        view = FilterImage(thumb, image.width, image.height, image.data, image.format, image.scores)
+        return Screened(phash(thumb), screen(filters, view))
+
+    workers = min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, loaded))
+
+
+def _thumbnail(data: bytes) -> Image.Image:
+    """The normalised image at most SCREEN_SIDE on its longest side, RGB (a JPEG is decoded at
+    a reduced scale directly: `draft`). Deterministic: the same bytes give the same pixels."""
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.draft("RGB", (SCREEN_SIDE, SCREEN_SIDE))
+        thumb = opened.convert("RGB")
+    thumb.thumbnail((SCREEN_SIDE, SCREEN_SIDE), Image.Resampling.LANCZOS)
+    return thumb
+
+
+def _keep_or_fail(
+    item: SourceItem,
+    outcome: _Outcome,
+    screened: Screened | None,
+    first_seen: dict[str, str],
+    near: HashIndex,
+    limit: int,
+) -> FailureRow | None:
+    """None to keep the item (its hash then joins `near`), else its failure. In order: could not
+    load, same bytes as a kept image, refused by a filter, near-duplicate of a kept image."""
+    if isinstance(outcome, ImageRejected):
+        return FailureRow(item.item_id, outcome.kind, outcome.reason, outcome.attempts)
+    image = outcome[0]
+    earlier = first_seen.get(image.image_id)
+    if earlier is not None:
+        reason = f"same image as {earlier} (image_id {image.image_id[:16]})"
+        return FailureRow(item.item_id, "duplicate", reason)
+    assert screened is not None
+    refused = screened.screening
+    if refused.kind is not None:
+        return FailureRow(item.item_id, refused.kind, refused.reason or refused.kind)
+    if limit > 0 and item.source not in NEAR_DUPLICATE_EXEMPT:
+        match = near.nearest(screened.phash, limit)
+        if match is not None:
+            reason = (
+                f"near-duplicate of {match.key}: perceptual hashes {match.distance} of "
+                f"{HASH_BITS} bits apart (near_duplicate_distance {limit})"
+            )
+            return FailureRow(item.item_id, NEAR_DUPLICATE, reason)
+        near.add(screened.phash, item.item_id)
+    return None
+
+
+def _by_source(kept: list[str], failed: list[str]) -> dict[str, dict[str, int]]:
+    """Per source kind (folder, manifest, url, typographic, ...): items in, kept, failed."""
+    out: dict[str, dict[str, int]] = {}
+    for name, n in Counter(kept).items():
+        out.setdefault(name, {"in": 0, "out": 0, "failed": 0})["out"] = n
+    for name, n in Counter(failed).items():
+        out.setdefault(name, {"in": 0, "out": 0, "failed": 0})["failed"] = n
+    for counts in out.values():
+        counts["in"] = counts["out"] + counts["failed"]
+    return dict(sorted(out.items()))
+
+
+def _filtered(failures: list[FailureRow]) -> dict[str, int]:
+    """Filter rejections per filter (an error raised by a filter counts as its own kind)."""
+    prefix = rejection_kind("")
+    counts = Counter(
+        f.kind.removeprefix(prefix)
+        for f in failures
+        if f.kind.startswith(prefix) and f.kind != FILTER_ERROR
+    )
+    return dict(sorted(counts.items()))
 
 
 # --------------------------------------------------------------------------- loading
@@ -350,7 +481,11 @@ def _typographic(
 
 
 def _row(
-    leaf: Subcategory, item: SourceItem, image: NormalizedImage, meta: dict[str, Any]
+    leaf: Subcategory,
+    item: SourceItem,
+    image: NormalizedImage,
+    meta: dict[str, Any],
+    screened: Screened,
 ) -> dict[str, Any]:
     source_meta = {**item.meta, **meta, "original": image.original}
     return {
@@ -366,7 +501,8 @@ def _row(
         "class1": leaf.class1,
         "class2": leaf.class2,
         "class3": leaf.class3,
-        "filter_scores": _json(image.scores),
+        "filter_scores": _json({**image.scores, **screened.screening.scores}),
+        "phash": screened.phash,
     }
 
 

@@ -451,6 +451,14 @@ ImageSource = Annotated[
 ]
 
 
+class ImageFilterSpec(BaseModel):
+    """One image filter: its `name` (a built-in or a `vlpref.image_filters` plug-in) and its
+    options, which the filter validates itself (so extra keys are allowed here)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(min_length=1, max_length=100)
+
+
 class ImagesStage(_Strict):
     source: ImageSource = TypographicSource()
     overrides: dict[str, ImageSource] = Field(
@@ -483,6 +491,23 @@ class ImagesStage(_Strict):
         le=1_000_000_000,
         description="pixels being decoded at once, all branches together (bounds memory)",
     )
+    # Near-duplicates and screening (vlpref/images/dedupe.py, filters.py; docs/images.md).
+    # 10 = vlpref.images.dedupe.DEFAULT_DISTANCE, measured there (not imported: config stays light).
+    near_duplicate_distance: int = Field(
+        default=10,
+        ge=0,
+        le=32,
+        description="perceptual-hash bits within which an image repeats a kept one (0: off)",
+    )
+    filters: tuple[ImageFilterSpec, ...] = Field(default=(), max_length=64)
+
+    @field_validator("filters")
+    @classmethod
+    def _known_filters(cls, value: tuple[ImageFilterSpec, ...]) -> tuple[ImageFilterSpec, ...]:
+        from vlpref.images.filters import check_specs  # plug-ins load only when configured
+
+        check_specs([spec.model_dump() for spec in value])
+        return value
 
 
 class QuestionsStage(_Strict):

@@ -28,7 +28,9 @@ IMAGES = pa.schema(
         ("class1", pa.string()),
         ("class2", pa.string()),
         ("class3", pa.string()),
-        ("filter_scores", pa.string()),  # JSON: name -> score
+        ("filter_scores", pa.string()),  # JSON: measure or filter name -> score
+        # 64-bit perceptual hash, 16 hex digits (vlpref/images/dedupe.py): near-duplicates
+        ("phash", pa.string()),
     ]
 )
 

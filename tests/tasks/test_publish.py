@@ -89,6 +89,7 @@ def make_tables(images_per_branch: int = 5) -> dict[str, pa.Table]:
                     "class2": class2,
                     "class3": class3,
                     "filter_scores": "{}",
+                    "phash": image_id[:16],  # the images table's perceptual hash (16 hex digits)
                 }
             )
             for qtype in TYPES:

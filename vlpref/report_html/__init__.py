@@ -7,7 +7,8 @@ to a file. At publish the store writes it into the version as `report.html` (`RE
 immutable; `vlpref.report_html.command`). docs/report.md says what the page shows.
 
 Modules: `data` (what the figures show, from the tables and the manifest), `plots` (matplotlib
-figures as inline SVG), `gallery` (the sample with thumbnails and rationales), `page` (the HTML).
+figures as inline SVG), `gallery` (the sample with thumbnails and rationales), `page` (the HTML),
+`images` (the images section: per-source counts, filter rejections, cross-branch near-duplicates).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def build_report(version: Version) -> bytes:
     """The report of `version` as one HTML document (UTF-8 bytes)."""
     # Here, not at the top: whoever needs only REPORT_NAME (the flow, the console summary)
     # does not import matplotlib.
-    from vlpref.report_html import data, page
+    from vlpref.report_html import data, images, page
     from vlpref.report_html.gallery import gallery_items
 
     d = data.read_version(version)
@@ -72,6 +73,7 @@ def build_report(version: Version) -> bytes:
         ),
     )
     p.add("stages", "Stages: in / out / failed", *page.stages_section(summary, data.stage_rows(m)))
+    p.add("images", "Images: sources, filters, near-duplicates", *images.section(version, m))
     p.add("failures", "Failures", *page.failures_section(summary, d.failures.num_rows))
     p.add(
         "usage",
