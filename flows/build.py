@@ -271,7 +271,7 @@ def build_dataset(
     choice of which failures of finished stage outputs are asked for again; `plan` first works
     out what the run will send (`vlpref plan`, no request) and keeps it in the manifest beside
     what was sent. Returns the new version's id."""
-    from flows.publish import publish_version, write_version_exports
+    from vlpref.publish.version import publish_version, write_version_exports
 
     install_log_redaction()  # keys never reach a log record, Prefect's API logs included
     stopping.reset()  # an earlier run in this process may have been interrupted

@@ -168,9 +168,9 @@ def test_a_store_on_another_filesystem_is_left_unchecked(tmp_path: Path) -> None
 
 
 def publish(store_path: Path, count: int = 1) -> list[Any]:
-    from tasks.publish import branch_parts, dataset_card
     from tests.tasks.test_publish import make_tables
     from vlpref.config import PublishStage
+    from vlpref.publish import branch_parts, dataset_card
     from vlpref.store import Store
 
     store = Store(str(store_path))

@@ -75,9 +75,9 @@ def test_sim_server_command_serves_health(tmp_path: Path) -> None:
 
 def test_versions_commands_list_show_and_diff(tmp_path: Path) -> None:
     """Two versions published straight to a store, then read back through the CLI."""
-    from tasks.publish import branch_parts, dataset_card
     from tests.tasks.test_publish import make_tables
     from vlpref.config import PublishStage
+    from vlpref.publish import branch_parts, dataset_card
     from vlpref.store import Store
 
     store = Store(str(tmp_path / "store"))
@@ -120,9 +120,9 @@ def test_versions_commands_list_show_and_diff(tmp_path: Path) -> None:
 def test_versions_tables_read_at_80_columns(tmp_path: Path) -> None:
     """`versions list` and `show` at 80 columns (output piped): no line wider, ids and branch
     names whole, settings as text rather than Python reprs."""
-    from tasks.publish import branch_parts, dataset_card
     from tests.tasks.test_publish import make_tables
     from vlpref.config import PublishStage
+    from vlpref.publish import branch_parts, dataset_card
     from vlpref.store import Store
 
     store = Store(str(tmp_path / "store"))
@@ -236,9 +236,9 @@ def test_versions_list_lists_around_damaged_versions(tmp_path: Path) -> None:
     """A garbage `_COMPLETE` and a missing manifest (in LATEST's version): `list` still lists every
     version, marks the two DAMAGED with a warning naming the file, and succeeds; `show` of either
     is one error line naming the file."""
-    from tasks.publish import branch_parts, dataset_card
     from tests.tasks.test_publish import make_tables
     from vlpref.config import PublishStage
+    from vlpref.publish import branch_parts, dataset_card
     from vlpref.store import Store
 
     store = Store(str(tmp_path / "store"))

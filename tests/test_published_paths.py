@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from flows.publish import LocalRoots, published_failures, published_stages
 from tests.test_config import GOOD, write
 from vlpref.config import load_config
+from vlpref.publish.version import LocalRoots, published_failures, published_stages
 from vlpref.records import FAILURES, table
 
 

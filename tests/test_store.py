@@ -32,10 +32,11 @@ import pytest
 from PIL import Image
 
 import vlpref.store as store_module
-from tasks.publish import IMAGE_TYPE, branch_parts, dataset_card, unsafe_rates
 from tests.tasks.test_publish import BRANCHES, make_tables, of_branch
 from vlpref.config import PublishStage
 from vlpref.errors import StoreError
+from vlpref.publish import branch_parts, dataset_card
+from vlpref.publish.rows import IMAGE_TYPE, unsafe_rates
 from vlpref.store import (
     TABLES,
     DamagedVersion,
@@ -1045,7 +1046,7 @@ def test_staging_folders_of_writers_that_are_gone_are_removed(
 
 KILLED_PUBLISHER = """
 import sys, time
-from tasks.publish import branch_parts
+from vlpref.publish import branch_parts
 from tests.tasks.test_publish import make_tables
 from vlpref.config import PublishStage
 from vlpref.store import Store

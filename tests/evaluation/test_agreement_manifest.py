@@ -8,9 +8,9 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from flows.publish import agreement_counts, judge_agreement
 from tasks.judge import candidates_from_judgments
 from vlpref.config import JudgeStage
+from vlpref.publish.version import agreement_counts, judge_agreement
 
 
 def _judgments(verdicts: dict[str, dict[str, str]]) -> pa.Table:

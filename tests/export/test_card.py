@@ -1,7 +1,7 @@
-"""The dataset card a published version carries (tasks.publish.dataset_card): `huggingface_hub`'s
-card parser accepts its metadata, `datasets.load_dataset(version folder)` reads the configs it
-declares, and the body says what a hub reader needs (judging, measured figures, limitations,
-the report, the upload command)."""
+"""The dataset card a published version carries (vlpref.publish.card.dataset_card):
+`huggingface_hub`'s card parser accepts its metadata, `datasets.load_dataset(version folder)`
+reads the configs it declares, and the body says what a hub reader needs (judging, measured
+figures, limitations, the report, the upload command)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from tasks.publish import dataset_card
+from vlpref.publish.card import dataset_card
 from vlpref.store import Version
 
 SAFETY_REPORT: dict[str, Any] = {  # the shape of `vlpref judge-eval`'s report.json

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from flows.build import build_dataset
-from flows.publish import report_link
 from vlpref.demo import SIM_MODELS, demo_config
+from vlpref.publish.version import report_link
 from vlpref.report_html import REPORT_NAME
 from vlpref.report_html.data import GALLERY_MAX, GALLERY_PER_CATEGORY, category
 from vlpref.sim.testing import SimServer

@@ -18,11 +18,11 @@ import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
-from flows.publish import link_report, report_link, version_report
-from tasks.publish import branch_parts, dataset_card
 from tests.tasks.test_publish import make_tables, of_branch
 from vlpref.config import PublishStage
 from vlpref.errors import StoreError
+from vlpref.publish import branch_parts, dataset_card
+from vlpref.publish.version import link_report, report_link, version_report
 from vlpref.report import print_report_path
 from vlpref.report_html import REPORT_NAME, build_report
 from vlpref.report_html.command import default_output, report

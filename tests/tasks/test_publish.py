@@ -21,18 +21,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from tasks.publish import (
+from vlpref.config import PublishStage
+from vlpref.errors import DataError
+from vlpref.publish.card import dataset_card
+from vlpref.publish.rows import (
     IMAGE_TYPE,
     QUADRUPLES,
     assign_splits,
     branch_parts,
     build_quadruples,
-    dataset_card,
     hf_features,
     unsafe_rates,
 )
-from vlpref.config import PublishStage
-from vlpref.errors import DataError
 from vlpref.records import (
     FAILURES,
     IMAGES,

@@ -9,10 +9,10 @@ a pair format keeps only two of them.
 Written as `<split>.parquet` with the `datasets` features, so `load_dataset("parquet", ...)`
 decodes the image. The unit counted is a question. A question's split is the split its pairs were
 published in; a question without a pair gets its image's split as publish assigns it
-(`tasks.publish.assign_splits` with the version's `stages.publish` splits and seed). A question
-with fewer than two ranked responses has no order to learn and is left out (`unranked`). Pair
-filters keep a question when all its pairs pass (see `vlpref.export.filters`). The side tables
-are read one branch part at a time.
+(`vlpref.publish.rows.assign_splits` with the version's `stages.publish` splits and seed). A
+question with fewer than two ranked responses has no order to learn and is left out
+(`unranked`). Pair filters keep a question when all its pairs pass (see `vlpref.export.filters`).
+The side tables are read one branch part at a time.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any, Final
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.publish import assign_splits
 from vlpref.export.core import Context, Written, relative_files, require_datasets
 from vlpref.export.filters import category_path
 from vlpref.export.source import branch_parts, read_part
+from vlpref.publish.rows import assign_splits
 from vlpref.store import Version
 
 __all__ = ["features", "question_splits", "write"]

@@ -3,7 +3,7 @@
 `build_report(version)` reads a version (a complete one, or one being published: anything with
 `vlpref.store.Version`'s reading methods) and returns the page's bytes; `write_report` writes them
 to a file. At publish the store writes it into the version as `report.html` (`REPORT_NAME`, see
-`flows.publish`); `vlpref report VERSION` rebuilds it outside the version (versions are
+`vlpref.publish.version`); `vlpref report VERSION` rebuilds it outside the version (versions are
 immutable; `vlpref.report_html.command`). docs/report.md says what the page shows.
 
 Modules: `data` (what the figures show, from the tables and the manifest), `plots` (matplotlib

@@ -270,7 +270,7 @@ def read_version(version: Version) -> VersionData:
 
 
 def _empty_quadruples() -> pa.Table:
-    from tasks.publish import QUADRUPLES
+    from vlpref.publish.rows import QUADRUPLES
 
     fields = [QUADRUPLES.field(name) for name in QUADRUPLE_COLUMNS]
     return pa.schema([*fields, pa.field("split", pa.string())]).empty_table()

@@ -1,4 +1,4 @@
-"""Publish: gather every branch's stage outputs into one immutable dataset version.
+"""Publishing a version: gather every branch's stage outputs into one immutable dataset version.
 
 A version is written branch by branch (see `vlpref.store`). A branch is
 
@@ -37,11 +37,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.publish import branch_parts, dataset_card
 from vlpref import __version__
 from vlpref.config import ModelEntry, RunConfig
 from vlpref.evaluation import metrics
 from vlpref.prompts import prompt_versions
+from vlpref.publish.card import dataset_card
+from vlpref.publish.rows import branch_parts
 from vlpref.redact import redact
 from vlpref.report_html import REPORT_NAME, build_report
 from vlpref.store import Part, SharedFile, Store, Version, VersionInfo
