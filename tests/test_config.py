@@ -191,3 +191,23 @@ def test_a_second_judge_needs_a_first_pass_and_exports_need_distinct_folders() -
     data["exports"] = {"formats": [{"format": "trl"}, {"format": "trl"}]}
     with pytest.raises(ConfigError, match=r"exports share folders \['trl'\]"):
         parse_config(data)
+
+
+def test_an_image_generation_source_names_a_known_endpoint() -> None:
+    """Found when the config loads, before any request (default source and overrides alike)."""
+    from vlpref.config import parse_config
+
+    data = _judges_config([{"name": "j", "endpoint": "e", "model": "m"}])
+    data["stages"] = {"images": {"source": {"kind": "generate", "endpoint": "nope", "model": "i"}}}
+    with pytest.raises(ConfigError, match=r"images\.source\.endpoint: unknown endpoint 'nope'"):
+        parse_config(data)
+    data["stages"] = {
+        "images": {
+            "source": {"kind": "typographic"},
+            "overrides": {"Malicious Use": {"kind": "generate", "endpoint": "x", "model": "i"}},
+        }
+    }
+    with pytest.raises(ConfigError, match=r"overrides\.Malicious Use\.endpoint: unknown endpoint"):
+        parse_config(data)
+    data["stages"] = {"images": {"source": {"kind": "generate", "endpoint": "e", "model": "i"}}}
+    assert parse_config(data).stages.images.source.kind == "generate"

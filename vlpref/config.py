@@ -874,6 +874,18 @@ class RunConfig(_Strict):
                 raise _LocatedError(
                     (*loc, "endpoint"), f"unknown endpoint {entry.endpoint!r} (defined: {known})"
                 )
+        # An image-generation source sends requests too: its endpoint must exist before any does.
+        images = self.stages.images
+        sources = [(("stages", "images", "source"), images.source)] + [
+            (("stages", "images", "overrides", prefix), source)
+            for prefix, source in images.overrides.items()
+        ]
+        for loc, source in sources:
+            if isinstance(source, GenerateSource) and source.endpoint not in self.endpoints:
+                known = ", ".join(sorted(self.endpoints)) or "none"
+                raise _LocatedError(
+                    (*loc, "endpoint"), f"unknown endpoint {source.endpoint!r} (defined: {known})"
+                )
         # A second judge decides what a first pass leaves open: without one it has nothing to do.
         seconds = [i for i, j in enumerate(self.judges) if j.tier == "second"]
         if seconds and len(seconds) == len(self.judges):
