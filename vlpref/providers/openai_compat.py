@@ -55,6 +55,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from vlpref import limits
 from vlpref.chat import (
     ChatRequest,
     ChatResult,
@@ -457,7 +458,11 @@ class OpenAICompatProvider(Provider):
 
     def __init__(self, options: OpenAICompatOptions) -> None:
         self.options = options
-        self.limiter = RateLimiter(options.rpm, options.tpm)
+        # The endpoint's concurrency, rpm and tpm: this process's, or the whole run's under a
+        # scale-out runner (vlpref/limits.py); chosen again if the process's scope changes (a
+        # Dask worker kept from one run to the next).
+        self._limits_scope = limits.scope()
+        self.limits = self._new_limits()
         self._client: openai.AsyncOpenAI | None = None
         self._chat_url = CHAT_PATH
         self._dialect = options.dialect  # resolved once, not per request
@@ -465,6 +470,31 @@ class OpenAICompatProvider(Provider):
         # tasks run batches at once). Taken before a request's body is built, so bodies (each
         # with its image as base64) exist only for requests about to be sent.
         self._slots: asyncio.Semaphore | None = None
+
+    def _new_limits(self) -> limits.SharedLimiter:
+        opts = self.options
+        return limits.limiter_for(
+            opts.model_dump_json(),
+            concurrency=opts.concurrency,
+            rpm=opts.rpm,
+            tpm=opts.tpm,
+            limits_scope=self._limits_scope,
+        )
+
+    def _current_limits(self) -> limits.SharedLimiter:
+        scope = limits.scope()
+        if scope != self._limits_scope:
+            old, self._limits_scope = self.limits, scope
+            self.limits = self._new_limits()
+            task = asyncio.ensure_future(old.aclose())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return self.limits
+
+    @property
+    def limiter(self) -> RateLimiter:
+        """This process's rate limiter: the configured rates (threads runner) and the
+        endpoint's own signals (x-ratelimit headers, a 429's cool-down)."""
+        return self.limits.rate
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> None:
@@ -546,6 +576,7 @@ class OpenAICompatProvider(Provider):
 
     async def aclose(self) -> None:
         self._slots = None  # bound to this event loop; a reopened provider makes its own
+        await self.limits.aclose()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -600,7 +631,7 @@ class OpenAICompatProvider(Provider):
             body = self._request_body(request)
         except Exception as exc:  # e.g. an extra_body value that is not JSON: a value too
             return self._failed(request, exc, 1, started)
-        estimate = estimate_tokens(request) if self.limiter.tpm else 0
+        estimate = estimate_tokens(request) if self.options.tpm or self.limiter.tpm else 0
         key = _new_idempotency_key()
         # The fast path: most requests succeed at once, and need none of tenacity's bookkeeping.
         try:
@@ -651,12 +682,14 @@ class OpenAICompatProvider(Provider):
         self, client: openai.AsyncOpenAI, body: bytes, estimate: int, key: str
     ) -> tuple[tuple[Sample, ...], Usage, float]:
         """One attempt: wait for the rate limiter, send, parse; returns samples, usage, latency."""
-        await self.limiter.acquire(estimate)
-        t0 = time.perf_counter()
-        samples, usage = await self._send(client, body, key)
-        latency = time.perf_counter() - t0
+        limiter = self._current_limits()
+        await limiter.admit(estimate)
+        async with limiter.slot():  # run-wide concurrency: held only while the call is out
+            t0 = time.perf_counter()
+            samples, usage = await self._send(client, body, key)
+            latency = time.perf_counter() - t0
         if estimate:
-            self.limiter.settle(estimate, usage.total_tokens)
+            limiter.settle(estimate, usage.total_tokens)
         return samples, usage, latency
 
     async def _send(
