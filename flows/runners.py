@@ -8,17 +8,25 @@
   (`ray://head:10001`). Install the `ray` extra.
 Workers need the workspace and the store on storage they all reach (a shared filesystem or an
 object store URI) and PREFECT_API_URL pointing at the same Prefect server.
+
+Under Dask the endpoints' `concurrency`, `rpm` and `tpm` hold for the whole run, not per worker:
+`ScaleOutDaskRunner` opens a `vlpref.limits.shared_limits()` scope around the cluster, so every
+worker's providers take their slots from global concurrency limits on the run's Prefect server.
+It also hands its local workers this process's Prefect API (they never start a server of their
+own), and reports each finished stage to this process's progress listeners (the console board),
+since a stage task in a worker process tells only that process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from vlpref import stopping
+from vlpref import limits, stopping
 from vlpref.errors import ConfigError
 
 RUNNERS = ("threads", "dask", "ray")
@@ -90,9 +98,10 @@ def task_runner(
             raise ConfigError(
                 "the dask runner needs the `dask` extra: pip install 'vlpref[dask]'"
             ) from exc
+        runner_class = _scale_out_dask_runner(DaskTaskRunner)
         if address:
-            return DaskTaskRunner(address=address)
-        return DaskTaskRunner(
+            return runner_class(address=address)
+        return runner_class(
             cluster_kwargs={"n_workers": workers or 2, "processes": True, "threads_per_worker": 4}
         )
     if name == "ray":
@@ -104,3 +113,113 @@ def task_runner(
             ) from exc
         return RayTaskRunner(address=address) if address else RayTaskRunner()
     raise ConfigError(f"unknown task runner {name!r} (one of {', '.join(RUNNERS)})")
+
+
+class SetEnvironment:
+    """A Dask worker plugin that sets environment variables in every worker, including workers
+    that join later: how a cluster started elsewhere (`--address`) learns the run's limits
+    scope. Local workers inherit the variables anyway."""
+
+    name = "vlpref-environment"
+
+    def __init__(self, variables: dict[str, str]) -> None:
+        self.variables = variables
+
+    def setup(self, worker: Any) -> None:
+        import os
+
+        os.environ.update(self.variables)
+
+
+def _api_url_for_workers() -> str | None:
+    """The Prefect API this process talks to: the configured one, or the temporary server
+    Prefect started for it (a flow called from Python without PREFECT_API_URL). Local workers
+    get it in their environment; without it each would start a temporary server of its own."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url:
+        return str(url)
+    import sys
+
+    module = sys.modules.get("prefect.server.api.server")
+    instances = getattr(getattr(module, "SubprocessASGIServer", None), "_instances", {})
+    for server in list(instances.values()):
+        if getattr(server, "server_process", None) is not None:
+            return str(server.api_url)
+    return None
+
+
+def _stage_of(parameters: dict[str, Any]) -> tuple[str, str] | None:
+    """(stage, branch_id) of a `flows.build.stage_task` call, from its parameters."""
+    name, leaf = parameters.get("name"), parameters.get("leaf")
+    branch_id = getattr(leaf, "branch_id", None)
+    if isinstance(name, str) and isinstance(branch_id, str):
+        return name, branch_id
+    return None
+
+
+def _tell_progress(stage: str, branch_id: str, future: Any) -> None:
+    """A stage task finished in a worker: tell this process's listeners its counts (what the
+    task told the worker's, where nobody listens). Failures show in the run summary."""
+    from flows import progress
+
+    try:
+        # The finished Dask future holds the task's final state: no call to the Prefect API
+        # (its `state` property would ask the API from this callback's thread). A failed
+        # task's value is its exception, without counts. (A timeout of 0 always times out in
+        # distributed's sync, even for a finished future.)
+        value = future.result(timeout=10, raise_on_failure=False)
+    except Exception:  # the display is a nicety: never let it break the run
+        return
+    counts = getattr(value, "counts", None)
+    if isinstance(counts, dict):
+        progress.notify(stage, branch_id, counts)
+
+
+def _scale_out_dask_runner(base: type[Any]) -> type[Any]:
+    """`DaskTaskRunner` with run-wide limits, a shared Prefect API and progress (module
+    docstring). Built on first use: prefect-dask is an optional extra."""
+    global _DASK_RUNNER
+    if _DASK_RUNNER is not None:
+        return _DASK_RUNNER
+
+    class ScaleOutDaskRunner(base):  # type: ignore[misc]
+        def __enter__(self) -> Any:
+            from vlpref.prefect_server import api_url_in_environment
+
+            stack = contextlib.ExitStack()
+            try:
+                scope = stack.enter_context(limits.shared_limits())
+                url = _api_url_for_workers()
+                if url is not None:  # set while local workers are spawned (and respawned)
+                    stack.enter_context(api_url_in_environment(url))
+                entered = super().__enter__()
+                stack.push(lambda *exc: super(ScaleOutDaskRunner, self).__exit__(*exc))
+                if self._client is not None:
+                    self._client.register_plugin(SetEnvironment({limits.LIMITS_ENV: scope}))
+            except BaseException:
+                stack.close()
+                raise
+            self._vlpref_stack: contextlib.ExitStack | None = stack
+            return entered
+
+        def __exit__(self, *exc_info: Any) -> None:
+            stack: contextlib.ExitStack | None = getattr(self, "_vlpref_stack", None)
+            self._vlpref_stack = None
+            if stack is not None:
+                stack.__exit__(*exc_info)  # the cluster first, then the run's limits
+
+        def submit(self, task: Any, parameters: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            future = super().submit(task, parameters, *args, **kwargs)
+            stage = _stage_of(parameters)
+            if stage is not None:
+                future.add_done_callback(lambda f: _tell_progress(*stage, f))
+            return future
+
+    ScaleOutDaskRunner.__qualname__ = ScaleOutDaskRunner.__name__
+    _DASK_RUNNER = ScaleOutDaskRunner
+    return ScaleOutDaskRunner
+
+
+_DASK_RUNNER: type[Any] | None = None

@@ -123,8 +123,10 @@ def run(
     leaves = load_taxonomy(cfg.taxonomy).select(selected)
     started = time.perf_counter()
     from flows.runners import task_runner
+    from vlpref.prefect_server import check_api_for_cluster
     from vlpref.run_log import log_file_path
 
+    check_api_for_cluster(runner, address)  # before a temporary server is started for nothing
     chosen = task_runner(runner, workers=workers, address=address)
     log_file = log_file_path(cfg.workspace)
     with skipped():

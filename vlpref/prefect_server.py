@@ -190,3 +190,23 @@ def api_url_in_environment(url: str) -> Iterator[None]:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = previous
+
+
+def check_api_for_cluster(runner: str, address: str | None) -> None:
+    """Refuse a run on a cluster started elsewhere (`--address`) when no Prefect server is
+    configured: its workers cannot reach the temporary server `prefect_api` would start on this
+    machine's loopback, and each would start one of its own (and take the run's limits with it).
+    Local clusters need nothing: their workers inherit the run's server (flows/runners.py)."""
+    if runner == "threads" or not address:
+        return
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    raise VlprefError(
+        f"--runner {runner} --address {address}: the cluster's workers need a Prefect server "
+        "they can reach, and PREFECT_API_URL is not set. Start one on a host they reach and "
+        "point this shell and every worker at it, e.g.\n"
+        "  prefect server start --host 0.0.0.0 --port 4200\n"
+        "  export PREFECT_API_URL=http://<that host>:4200/api"
+    )
