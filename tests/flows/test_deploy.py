@@ -134,11 +134,41 @@ def git(*args: str) -> str:
 def test_deployments_run_the_deployed_commit_on_a_worker_elsewhere(
     tmp_path: Path, prefect_server: str
 ) -> None:
-    from prefect.deployments import run_deployment
-
     suffix, pool = uuid.uuid4().hex[:8], f"pool-{uuid.uuid4().hex[:8]}"
     asyncio.run(create_pool(pool))
     config = str(write_config(tmp_path, "http://127.0.0.1:9/v1"))
+    try:
+        _deployed_commit_runs_elsewhere(tmp_path, prefect_server, suffix, pool, config)
+    finally:
+        # The nightly schedule's runs must not outlive the test in the session's server: later
+        # tests read "the most recent flow run".
+        asyncio.run(remove_deployments(suffix))
+
+
+async def remove_deployments(suffix: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    async with get_client() as client:
+        for name in (f"build-dataset/nightly-{suffix}", f"build-dataset/branch-rerun-{suffix}"):
+            try:
+                deployment = await client.read_deployment_by_name(name)
+            except Exception:  # never created: nothing to remove
+                continue
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+            )
+            for run in runs:
+                if run.state is not None and run.state.is_scheduled():
+                    await client.delete_flow_run(run.id)
+            await client.delete_deployment(deployment.id)
+
+
+def _deployed_commit_runs_elsewhere(
+    tmp_path: Path, prefect_server: str, suffix: str, pool: str, config: str
+) -> None:
+    from prefect.deployments import run_deployment
+
     done = deploy(named_copy(tmp_path, suffix, pool), prefect_server, config)
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -115,11 +115,19 @@ def test_a_run_where_every_judge_call_fails_says_why(
 async def _task_state_names() -> dict[str, set[str]]:
     """Stage -> the state names its task runs ended in, for the most recent flow run."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterStartTime,
+    )
     from prefect.client.schemas.sorting import FlowRunSort
 
     async with get_client() as client:
-        (latest,) = await client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        # Runs that started: a deployment's scheduled runs (no start time) sort first otherwise.
+        started = FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False))
+        (latest,) = await client.read_flow_runs(
+            flow_run_filter=started, sort=FlowRunSort.START_TIME_DESC, limit=1
+        )
         tasks = await client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[latest.id]))
         )

@@ -24,6 +24,7 @@ from tasks.judge import (
 from tasks.pairs import comparisons
 from vlpref.calibration import in_band
 from vlpref.config import JudgeEntry, RunConfig, parse_config
+from vlpref.errors import ConfigError
 from vlpref.selection import (
     Candidate,
     candidate_pairs,
@@ -275,8 +276,9 @@ def test_tier_settings_are_checked() -> None:
         models=MODELS,
         judges=[{**STRONG, "tier": "second"}],
     )
-    with pytest.raises(ValueError, match="needs a first-pass judge"):
-        judge_tiers(parse_config(data))
+    # Refused when the config loads (the judge stage would refuse it too, later).
+    with pytest.raises(ConfigError, match="needs a first-pass judge"):
+        parse_config(data)
     only_first: RunConfig = parse_config({**data, "judges": [{**STRONG, "tier": "first"}]})
     assert judge_tiers(only_first) is None  # a first pass with nothing after it: no tiers
 

@@ -249,7 +249,7 @@ def test_a_budget_stops_image_requests_and_a_refusal_is_final(
 def test_an_endpoint_that_is_not_configured_is_a_config_error(
     sim: SimServer, tmp_path: Path, prompts: Path, service: ModelService
 ) -> None:
-    run = config(sim, tmp_path, prompts, endpoint="nowhere")
-    with pytest.raises(ConfigError, match="nowhere"):
-        collect(run, service)
-    assert isinstance(run.stages.images.source, GenerateSource)
+    """Refused when the config loads, before the images stage could send anything."""
+    with pytest.raises(ConfigError, match=r"images\.source\.endpoint: unknown endpoint 'nowhere'"):
+        config(sim, tmp_path, prompts, endpoint="nowhere")
+    assert isinstance(config(sim, tmp_path, prompts).stages.images.source, GenerateSource)
