@@ -3,8 +3,9 @@
 Prefect runs (stage, branch) tasks in worker threads. If each task opened its own providers, an
 endpoint's `concurrency` and `rpm` would be multiplied by the number of branches in flight. The
 service instead keeps one provider per endpoint on one background event loop; tasks hand it a
-batch and iterate over the results from their own thread. Limits therefore hold per endpoint per
-process (with several worker processes, e.g. Dask, divide the limits among them).
+batch and iterate over the results from their own thread. Limits therefore hold per endpoint in
+the process; across Dask worker processes the provider's shared limiter (`vlpref.limits`, Prefect
+global concurrency limits) holds them for the whole run.
 
 Each batch (one stage's requests for one model) starts with a probe (`vlpref.earlystop`): its first
 `early_stop_after` sent requests go out alone, and if they all fail with the same cause that
