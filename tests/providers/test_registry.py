@@ -102,7 +102,7 @@ async def test_a_plugin_kind_runs_through_the_journal(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("plugin_on_path")
 def test_a_plugin_that_is_not_a_provider_is_refused() -> None:
-    with pytest.raises(ProviderError, match="not a vlpref Provider"):
+    with pytest.raises(ProviderError, match="not a subclass of vlpref's Provider"):
         provider_class("broken")
 
 

@@ -167,7 +167,7 @@ def test_a_plugin_filter_screens_through_its_entry_point(tmp_path: Path) -> None
 def test_plugin_options_and_classes_are_checked_when_the_config_loads() -> None:
     with pytest.raises(ValueError, match=r"unknown options \['max'\]"):
         ImagesStage.model_validate({"filters": [{"name": "redness", "max": 1}]})
-    with pytest.raises(ValueError, match="not an ImageFilter subclass"):
+    with pytest.raises(ValueError, match="not a subclass of vlpref's ImageFilter"):
         ImagesStage.model_validate({"filters": [{"name": "broken"}]})
 
 

@@ -28,12 +28,13 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, ClassVar, Final, Self
 
 from PIL import Image, ImageStat
 from PIL import ImageFilter as PILFilter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vlpref.plugins import available, load_class
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -274,32 +275,23 @@ def _builtin_filters() -> dict[str, str]:
 
 
 def available_filters() -> list[str]:
-    names = set(_builtin_filters())
-    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-    return sorted(names)
+    """The built-in filters and the installed plug-ins, by name."""
+    return available(_builtin_filters(), ENTRY_POINT_GROUP)
 
 
 def filter_class(name: str) -> type[ImageFilter]:
     """The class registered for `name`: a built-in first, then an entry point. ValueError when
     there is none or it cannot be loaded (the config reports it with the field)."""
-    target = _builtin_filters().get(name)
-    if target is None:
-        matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-        if not matches:
-            raise ValueError(
-                f"no image filter named {name!r}; known: {', '.join(available_filters())}. "
-                f"Plug-ins register under the entry-point group {ENTRY_POINT_GROUP!r}."
-            )
-        target = matches[0].value
-    module_name, _, attr = target.partition(":")
-    try:
-        module = __import__(module_name, fromlist=[attr])
-        cls = getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"image filter {name!r} ({target}) cannot be loaded: {exc}") from exc
-    if not (isinstance(cls, type) and issubclass(cls, ImageFilter)):
-        raise ValueError(f"image filter {name!r} ({target}) is not an ImageFilter subclass")
-    return cls
+    return load_class(
+        name,
+        _builtin_filters(),
+        ENTRY_POINT_GROUP,
+        ImageFilter,
+        what="image filter named",
+        label="image filter",
+        unknown=ValueError,
+        broken=ValueError,
+    )
 
 
 def _split(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

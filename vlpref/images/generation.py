@@ -51,7 +51,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import httpx2
 import openai
 from PIL import Image
 
@@ -66,7 +65,6 @@ from vlpref.providers.base import Provider
 from vlpref.providers.openai_compat import (
     OpenAICompatOptions,
     OpenAICompatProvider,
-    _classify,
     _FinalError,
     _RetryableError,
 )
@@ -226,27 +224,9 @@ class OpenAIImagesProvider(OpenAICompatProvider):
     def _request_body(self, request: ChatRequest) -> bytes:
         return json.dumps(image_body(ImageGenRequest.from_chat(request))).encode()
 
-    async def _send(
-        self, client: openai.AsyncOpenAI, body: bytes, key: str
-    ) -> tuple[tuple[Sample, ...], Usage]:
-        # The parent's send with the images parser: its error handling, as it is there.
-        try:
-            raw = await client.post(
-                self._chat_url,
-                cast_to=httpx2.Response,
-                content=body,
-                options={"idempotency_key": key},
-            )
-        except openai.APIStatusError as exc:
-            self.limiter.observe_headers(exc.response.headers)
-            err = _classify(exc)
-            if isinstance(err, _RetryableError) and err.kind == "rate_limit":
-                self.limiter.pause_for(min(err.retry_after or 1.0, self.options.max_retry_after_s))
-            raise err from exc
-        except openai.OpenAIError as exc:
-            raise _classify(exc) from exc
-        self.limiter.observe_headers(raw.headers)
-        return parse_image_answer(raw.content)
+    def _parse_answer(self, content: bytes) -> tuple[tuple[Sample, ...], Usage]:
+        # The parent's send (its client, error handling and rate-limit feedback), this parser.
+        return parse_image_answer(content)
 
 
 def images_provider(

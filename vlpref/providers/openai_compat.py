@@ -714,7 +714,12 @@ class OpenAICompatProvider(Provider):
         except openai.OpenAIError as exc:
             raise _classify(exc) from exc
         self.limiter.observe_headers(raw.headers)
-        return parse_completion(raw.content)
+        return self._parse_answer(raw.content)
+
+    def _parse_answer(self, content: bytes) -> tuple[tuple[Sample, ...], Usage]:
+        """The samples and usage of a response body (a subclass for another endpoint, e.g.
+        image generation, parses its own answer and keeps the rest of `_send`)."""
+        return parse_completion(content)
 
     def _request_body(self, request: ChatRequest) -> bytes:
         """The JSON body of the chat-completions call, serialised once for every attempt."""
