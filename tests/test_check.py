@@ -310,3 +310,18 @@ def test_a_judge_asking_rules_needs_them_on_every_selected_branch(tmp_path: Path
         f"prompts_dir: {folder / 'judge_rule.txt'}: the template's placeholders do not match "
         "what the stage fills in (missing $question, $rule; expected question, response, rule)"
     )
+
+
+def test_check_takes_a_config_uri(tmp_path: Path) -> None:
+    """A config on shared storage is named by a URI; the command line keeps it whole (a Path
+    would collapse `scheme://` to `scheme:/`)."""
+    path = write(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlpref.cli", "check", path.resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, KEY_ENV: "set"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"ok {path.resolve().as_uri()}: 2 response model(s)" in proc.stderr + proc.stdout

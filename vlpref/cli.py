@@ -53,7 +53,9 @@ def sim_server(
 
 @app.command("run")
 def run(
-    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    # A string, not a Path: a config on shared storage is a URI (`s3://…`), which Path would
+    # collapse to `s3:/…` (load_config reads both).
+    config: Annotated[str, typer.Argument(help="run config YAML: a path, or a URI (s3://…)")],
     only: Annotated[
         list[str] | None,
         typer.Option("--only", help="taxonomy path prefix to build (repeatable)"),
@@ -602,7 +604,7 @@ def plan(
 
 @app.command("check")
 def check(
-    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    config: Annotated[str, typer.Argument(help="run config YAML: a path, or a URI (s3://…)")],
     preflight: Annotated[
         bool,
         typer.Option(
