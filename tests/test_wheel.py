@@ -179,6 +179,8 @@ def test_the_wheel_installs_and_builds_the_demo_outside_the_repo(
     )
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "dataset version" in demo.stdout
+    # Prefect's lines went to the run's log file, whose path the demo says first.
+    assert demo.stderr.startswith("log: ") and "| INFO" not in demo.stderr, demo.stderr[-2000:]
     root = outside / ".vlpref" / "demo"
     run_config = yaml.safe_load((root / "run.yaml").read_text())
     assert run_config["taxonomy"] == "builtin:demo"

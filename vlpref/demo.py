@@ -14,6 +14,7 @@ It needs nothing from a checkout: an installed vlpref runs it from any folder.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,9 @@ def main() -> None:
     parser.add_argument(
         "--per-branch", type=int, default=5, help="images per subcategory (4 subcategories)"
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also show Prefect's log lines here"
+    )
     args = parser.parse_args()
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -96,14 +100,23 @@ def main() -> None:
         # The port changes between runs; request keys never include the URL, so reruns reuse all.
         config = demo_config(sim.base_url, root, args.per_branch)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        from rich.console import Console
+
         from flows.build import build_dataset
         from vlpref.prefect_server import stop_temporary_server
         from vlpref.report import print_summary
+        from vlpref.run_log import log_file_path, route_logs
 
-        version_id = build_dataset(str(config_path))
-        # Prefect would stop its temporary server at exit, logging it after the summary: stopped
-        # now, the report's path is the demo's last line, on the terminal as on stdout.
-        stop_temporary_server()
+        # As `vlpref run`: Prefect's lines go to the run's log file (docs/pipeline.md, "The
+        # console"), so the terminal shows the summary, not a scroll of INFO lines.
+        log = log_file_path(config["workspace"])
+        print(f"log: {log}", file=sys.stderr)
+        with route_logs(log, verbose=args.verbose, console=Console(stderr=True)):
+            version_id = build_dataset(str(config_path))
+            # Prefect would stop its temporary server at exit, logging it after the summary:
+            # stopped now, the report's path is the demo's last line, on the terminal as on
+            # stdout.
+            stop_temporary_server()
         print_summary(str(config_path), version_id, time.perf_counter() - started, sim.counters())
 
 
