@@ -64,3 +64,19 @@ def test_versions_list_after_the_demo_needs_no_option(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert f"using config {tmp_path / DEMO} (the demo's)" in done.stderr
+
+
+def test_a_uri_is_taken_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config on shared storage: the loader reads it (and names it if it is not there); a
+    `file://` URI is a local path and must exist."""
+    monkeypatch.delenv(ENV, raising=False)
+    assert find_config("s3://team/vlpref/nightly.yaml", tmp_path) == (
+        "s3://team/vlpref/nightly.yaml",
+        "--config",
+    )
+    monkeypatch.setenv(ENV, "s3://team/vlpref/nightly.yaml")
+    assert find_config(None, tmp_path) == ("s3://team/vlpref/nightly.yaml", f"${ENV}")
+    local = write(tmp_path / "run.yaml", tmp_path / "s")
+    assert find_config(local.as_uri(), tmp_path) == (local, "--config")
+    with pytest.raises(ConfigError, match="is not a file"):
+        find_config((tmp_path / "gone.yaml").as_uri(), tmp_path)

@@ -242,10 +242,13 @@ versions_app = typer.Typer(help="List, show and compare dataset versions.", no_a
 app.add_typer(versions_app, name="versions")
 
 StoreOption = Annotated[str | None, typer.Option("--store", "-s", help="store location")]
-ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="run config (its store)")]
+# Strings, not Paths: a config on shared storage is a URI (`s3://…`), which Path would collapse.
+ConfigOption = Annotated[
+    str | None, typer.Option("--config", "-c", help="run config (its store): a path or a URI")
+]
 
 
-def _store(store: str | None, config: Path | None) -> Any:
+def _store(store: str | None, config: str | Path | None) -> Any:
     """The store given, else the store of the run config found as `find_config` finds it (said
     on stderr, so that a user knows which one was used)."""
     from vlpref.config import load_config
@@ -256,7 +259,7 @@ def _store(store: str | None, config: Path | None) -> Any:
     return Store(load_config(_config_file(config)).store)
 
 
-def _config_file(config: Path | None) -> Path:
+def _config_file(config: str | Path | None) -> str | Path:
     """The run config a command uses (`vlpref/config_lookup.py`), said on stderr."""
     from vlpref.config_lookup import find_config
 
@@ -434,7 +437,8 @@ def _resolve_version(store: Any, version: str) -> str:
 @app.command("serve")
 def serve(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="run config the deployments build")
+        str | None,
+        typer.Option("--config", "-c", help="run config the deployments build: a path or a URI"),
     ] = None,
     prefect_yaml: Annotated[Path, typer.Option(help="the deployments to serve")] = Path(
         "prefect.yaml"
@@ -444,7 +448,7 @@ def serve(
     """Serve the nightly and branch-rerun deployments against a Prefect server."""
     from vlpref.serve import serve as serve_deployments
 
-    serve_deployments(prefect_yaml, config=str(config) if config else None, limit=limit)
+    serve_deployments(prefect_yaml, config=config, limit=limit)
 
 
 @app.command("judge-eval")
@@ -567,9 +571,10 @@ def rules_draft(
 @app.command("plan")
 def plan(
     config: Annotated[
-        Path | None,
+        str | None,
         typer.Argument(
-            help="run config YAML (default: $VLPREF_CONFIG, ./vlpref.yaml, then the demo's)"
+            help="run config YAML, a path or a URI (default: $VLPREF_CONFIG, ./vlpref.yaml, "
+            "then the demo's)"
         ),
     ] = None,
     only: Annotated[

@@ -14,15 +14,16 @@ LOCAL = Path("vlpref.yaml")
 DEMO = Path(".vlpref") / "demo" / "run.yaml"
 
 
-def find_config(given: Path | None, cwd: Path | None = None) -> tuple[Path, str]:
+def find_config(given: str | Path | None, cwd: Path | None = None) -> tuple[str | Path, str]:
     """(the config file, where it came from: `--config`, `$VLPREF_CONFIG`, `./vlpref.yaml` or
-    `the demo's`)."""
+    `the demo's`). A URI on shared storage (`s3://…`) is taken as given: the loader reads it, and
+    says so if it is not there."""
     here = cwd or Path.cwd()
     if given is not None:
         return _existing(given, "--config"), "--config"
     env = os.environ.get(ENV)
     if env:
-        return _existing(Path(env), f"${ENV}"), f"${ENV}"
+        return _existing(env, f"${ENV}"), f"${ENV}"
     for path, why in ((LOCAL, "./vlpref.yaml"), (DEMO, "the demo's")):
         if (here / path).is_file():
             return here / path, why
@@ -32,7 +33,11 @@ def find_config(given: Path | None, cwd: Path | None = None) -> tuple[Path, str]
     )
 
 
-def _existing(path: Path, source: str) -> Path:
+def _existing(location: str | Path, source: str) -> str | Path:
+    text = str(location)
+    if "://" in text and not text.startswith("file://"):
+        return text  # remote: read (or refused) by load_config, which names it
+    path = Path(text.removeprefix("file://"))
     if not path.is_file():
         raise ConfigError(f"{source}: {path} is not a file")
     return path

@@ -23,7 +23,7 @@ from rich.console import Console
 __all__ = ["default_output", "report"]
 
 
-def default_output(version_id: str, config: Path | None) -> Path:
+def default_output(version_id: str, config: str | Path | None) -> Path:
     """`<workspace>/reports/<version_id>.html`: the config's workspace (a local folder) when a
     config is given, else the current folder."""
     base = Path.cwd()
