@@ -69,7 +69,7 @@ class RecordingService(ModelService):
         return super().run(wrapped, journal, stats, **kw)
 
 
-def _group(request: ChatRequest) -> tuple[str, str]:
+def question_group(request: ChatRequest) -> tuple[str, str]:
     """Calls about one question: its image and its <question> text."""
     image = next(
         (p.sha256 for m in request.messages for p in m.content if isinstance(p, ImagePart)), ""
@@ -130,7 +130,7 @@ def measure(per_branch: int) -> list[tuple[str, str, Share]]:
                         )
                 finally:
                     service.close()
-                out.append((setup, layout, prefix_share(service.requests, _group)))
+                out.append((setup, layout, prefix_share(service.requests, question_group)))
     return out
 
 

@@ -13,15 +13,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from bench.prefix_share import RecordingService, question_group
 from tasks.judge import judge_responses
 from tests_vllm.conftest import REPORT
 from tests_vllm.test_judge_eval import SHORT
 from tests_vllm.test_vllm import run_config, served_endpoint
-from vlpref.chat import ChatRequest, ImagePart, TextPart
 from vlpref.prefix import prefix_share
 from vlpref.prompts import DEFAULT_PROMPTS_DIR
 from vlpref.records import RESPONSES, table
-from vlpref.service import Batch, ModelService
 from vlpref.vllm_serve import VllmServers
 
 SHORT_RATING = (
@@ -45,32 +44,6 @@ def prefix_counters(served: VllmServers) -> dict[str, float]:
             if line.startswith(name):  # the _total counter, per engine
                 out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
-
-
-class Recording(ModelService):
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[ChatRequest] = []
-
-    def run(self, batches: Any, journal: Any, stats: Any = None, **kw: Any) -> Any:
-        def noted(requests: Any) -> Any:
-            for request in requests:
-                self.requests.append(request)
-                yield request
-
-        wrapped = [
-            Batch(b.provider, noted(b.requests))
-            if isinstance(b, Batch)
-            else Batch(b[0], noted(b[1]))
-            for b in batches
-        ]
-        return super().run(wrapped, journal, stats, **kw)
-
-
-def group(request: ChatRequest) -> tuple[str, str]:
-    image = next(p.sha256 for m in request.messages for p in m.content if isinstance(p, ImagePart))
-    text = "".join(p.text for m in request.messages for p in m.content if isinstance(p, TextPart))
-    return image, text.split("<question>", 1)[-1].split("</question>", 1)[0]
 
 
 def test_prefix_cache_counters_around_the_judge_stage(
@@ -114,7 +87,7 @@ def test_prefix_cache_counters_around_the_judge_stage(
     )
     assert isinstance(responses, pa.Table)
     before = prefix_counters(served)
-    service = Recording()
+    service = RecordingService()
     try:
         out = judge_responses(leaf.branch_id, questions, responses, images, config, None, service)
     finally:
@@ -123,7 +96,7 @@ def test_prefix_cache_counters_around_the_judge_stage(
     assert set(before) == set(after) == {"vllm:prefix_cache_queries", "vllm:prefix_cache_hits"}
     queries = after["vllm:prefix_cache_queries"] - before["vllm:prefix_cache_queries"]
     hits = after["vllm:prefix_cache_hits"] - before["vllm:prefix_cache_hits"]
-    share = prefix_share(service.requests, group, kind="vllm-server")
+    share = prefix_share(service.requests, question_group, kind="vllm-server")
     rate = hits / queries if queries else 0.0
     REPORT.append(
         f"prefix cache, judge stage on vllm serve: {out.n_in} calls; vLLM counted {hits:.0f} of "

@@ -108,9 +108,7 @@ class BudgetGuard:
         price = entry.price if entry is not None else None
         prompt = usage.prompt_tokens if usage is not None else 0
         completion = usage.completion_tokens if usage is not None else 0
-        cost = 0.0
-        if price is not None:
-            cost = (prompt * price.input_per_mtok + completion * price.output_per_mtok) / 1e6
+        cost = price.cost(prompt, completion) if price is not None else 0.0
         with self._lock:
             for spend in (self.total, self.by_model.setdefault(name, Spend())):
                 spend.in_flight -= 1
@@ -137,7 +135,9 @@ class BudgetGuard:
             for k in ("requests", "tokens", "cost")
             if (v := getattr(self.budget, k)) is not None
         ]
-        per = ", ".join(f"{n}: {s.describe()}" for n, s in sorted(self.by_model.items()))
+        per = ", ".join(
+            f"{n}: {s.describe()}" for n, s in sorted(self.by_model.items()) if s.requests
+        )
         return (
             f"budget reached ({self.reached}); spent {self.total.describe()}"
             + (f" [{per}]" if per else "")

@@ -130,12 +130,19 @@ class SamplingConfig(_Strict):
 
 class Price(_Strict):
     """What a model's tokens cost, in the currency of your choice per million tokens (for `vlpref
-    plan` and `budget: cost`). `cached_input_per_mtok` prices prompt tokens a provider reports as
-    served from its prompt cache (default: the input price)."""
+    plan` and `budget: cost`). `cached_input_per_mtok` is accepted and kept, but not yet applied:
+    vlpref's usage does not separate the prompt tokens an endpoint served from its cache, so every
+    prompt token is priced at `input_per_mtok` (an upper bound on a cached prompt's cost)."""
 
     input_per_mtok: float = Field(ge=0, le=1e6)
     output_per_mtok: float = Field(ge=0, le=1e6)
     cached_input_per_mtok: float | None = Field(default=None, ge=0, le=1e6)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """The price of these tokens (one formula for the plan and the budget)."""
+        return (
+            prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok
+        ) / 1e6
 
 
 PLAN_ONLY_FIELDS = ("price", "image_tokens")

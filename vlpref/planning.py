@@ -334,7 +334,4 @@ def cost(line: Line, entry: ModelEntry | None) -> float | None:
     """The cost of a line's tokens to send (exact and bound), or None without a price."""
     if entry is None or entry.price is None:
         return None
-    price = entry.price
-    return (
-        line.prompt_tokens * price.input_per_mtok + line.completion_tokens * price.output_per_mtok
-    ) / 1e6
+    return entry.price.cost(line.prompt_tokens, line.completion_tokens)
