@@ -29,7 +29,7 @@ from tasks.images import collect_images  # noqa: E402
 from vlpref.config import ImagesStage, RetrievalSource  # noqa: E402
 from vlpref.errors import ConfigError  # noqa: E402
 from vlpref.images.index import build_index, open_index  # noqa: E402
-from vlpref.images.index_cli import index_app  # noqa: E402
+from vlpref.index_cli import index_app  # noqa: E402
 from vlpref.sim.testing import SimServer, sim_run_config  # noqa: E402
 from vlpref.store import Store  # noqa: E402
 from vlpref.taxonomy import load_taxonomy  # noqa: E402

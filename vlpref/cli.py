@@ -766,8 +766,8 @@ class _NoTracebackWhenExpected(logging.Filter):
 
 # Commands defined in their own packages (each imports this module for the shared helpers; they
 # are registered here, after those helpers exist).
-from vlpref.export.command import export as _export  # noqa: E402
-from vlpref.images.index_cli import index_app as _index_app  # noqa: E402
+from vlpref.export_cli import export as _export  # noqa: E402
+from vlpref.index_cli import index_app as _index_app  # noqa: E402
 from vlpref.report_html.command import report as _report  # noqa: E402
 
 app.command("export")(_export)

@@ -161,7 +161,7 @@ def test_write_exports_from_the_version_folder(version: Version, tmp_path: Path)
 # case, the test registers it the same way on the real app and runs the real `main`.
 ENTRY = (
     "from vlpref.cli import app, main\n"
-    "from vlpref.export.command import export\n"
+    "from vlpref.export_cli import export\n"
     "if not any(c.name == 'export' for c in app.registered_commands):\n"
     "    app.command('export')(export)\n"
     "main()\n"

@@ -11,9 +11,6 @@ from typing import Annotated
 
 import typer
 
-from vlpref.export.core import ExportSpec, export_version
-from vlpref.export.filters import Filters
-
 __all__ = ["export"]
 
 
@@ -47,6 +44,11 @@ def export(
 ) -> None:
     """Write a version in a trainer's format, with the same filters for every format; the
     folder gets an export.json (counts, filters, files, the command that trains on it)."""
+    # Imported here: `vlpref.cli` registers this command, and every command's start-up should
+    # not pay for pyarrow.
+    from vlpref.export.core import ExportSpec, export_version
+    from vlpref.export.filters import Filters
+
     st = cli._store(store, config)
     v = st.open(cli._resolve_version(st, version))
     filters = Filters.of(
