@@ -9,12 +9,14 @@
 Workers need the workspace and the store on storage they all reach (a shared filesystem or an
 object store URI) and PREFECT_API_URL pointing at the same Prefect server.
 
-Under Dask the endpoints' `concurrency`, `rpm` and `tpm` hold for the whole run, not per worker:
-`ScaleOutDaskRunner` opens a `vlpref.limits.shared_limits()` scope around the cluster, so every
+Under Dask and Ray the endpoints' `concurrency`, `rpm` and `tpm` hold for the whole run, not per
+worker: the runner opens a `vlpref.limits.shared_limits()` scope around the cluster, so every
 worker's providers take their slots from global concurrency limits on the run's Prefect server.
-It also hands its local workers this process's Prefect API (they never start a server of their
-own), and reports each finished stage to this process's progress listeners (the console board),
-since a stage task in a worker process tells only that process.
+The scope and this process's Prefect API reach the workers by their environment: local Dask
+workers inherit it (they never start a Prefect server of their own), a Dask cluster by address
+gets a worker plugin, and every Ray task gets them in its `runtime_env`. The runner also reports
+each finished stage to this process's progress listeners (the console board), since a stage task
+in a worker process tells only that process.
 """
 
 from __future__ import annotations
@@ -111,7 +113,11 @@ def task_runner(
             raise ConfigError(
                 "the ray runner needs the `ray` extra: pip install 'vlpref[ray]'"
             ) from exc
-        return RayTaskRunner(address=address) if address else RayTaskRunner()
+        ray_class = _scale_out_ray_runner(RayTaskRunner)
+        if address:
+            return ray_class(address=address)
+        # A local Ray runs one task per CPU it is given: `workers` tasks at once.
+        return ray_class(init_kwargs={"num_cpus": workers}) if workers else ray_class()
     raise ConfigError(f"unknown task runner {name!r} (one of {', '.join(RUNNERS)})")
 
 
@@ -177,6 +183,39 @@ def _tell_progress(stage: str, branch_id: str, future: Any) -> None:
         progress.notify(stage, branch_id, counts)
 
 
+class _ScaleOut:
+    """What the Dask and Ray runners add to prefect-dask's and prefect-ray's (module docstring):
+    the run's limits scope and Prefect API for every worker, and each finished stage told to this
+    process's progress listeners. A mixin placed before the runner's class."""
+
+    _vlpref_stack: contextlib.ExitStack | None = None  # open from __enter__ to __exit__
+    _vlpref_variables: dict[str, str]  # what every worker needs in its environment (set on entry)
+
+    def _open_scale_out(self) -> tuple[contextlib.ExitStack, dict[str, str]]:
+        """Enter the run's limits scope and, for local workers spawned from here, this process's
+        Prefect API. Returns the stack to close after the cluster, and the variables every
+        worker needs (for workers this process does not spawn)."""
+        from vlpref.prefect_server import api_url_in_environment
+
+        stack = contextlib.ExitStack()
+        try:
+            scope = stack.enter_context(limits.shared_limits())
+            variables = {limits.LIMITS_ENV: scope}
+            url = _api_url_for_workers()
+            if url is not None:  # set while local workers are spawned (and respawned)
+                stack.enter_context(api_url_in_environment(url))
+                variables["PREFECT_API_URL"] = url
+        except BaseException:
+            stack.close()
+            raise
+        return stack, variables
+
+    def _close_scale_out(self, *exc_info: Any) -> None:
+        stack, self._vlpref_stack = self._vlpref_stack, None
+        if stack is not None:
+            stack.__exit__(*exc_info)  # after the cluster: the run's limits go last
+
+
 def _scale_out_dask_runner(base: type[Any]) -> type[Any]:
     """`DaskTaskRunner` with run-wide limits, a shared Prefect API and progress (module
     docstring). Built on first use: prefect-dask is an optional extra."""
@@ -184,31 +223,24 @@ def _scale_out_dask_runner(base: type[Any]) -> type[Any]:
     if _DASK_RUNNER is not None:
         return _DASK_RUNNER
 
-    class ScaleOutDaskRunner(base):  # type: ignore[misc]
+    class ScaleOutDaskRunner(_ScaleOut, base):  # type: ignore[misc]
         def __enter__(self) -> Any:
-            from vlpref.prefect_server import api_url_in_environment
-
-            stack = contextlib.ExitStack()
+            stack, variables = self._open_scale_out()
             try:
-                scope = stack.enter_context(limits.shared_limits())
-                url = _api_url_for_workers()
-                if url is not None:  # set while local workers are spawned (and respawned)
-                    stack.enter_context(api_url_in_environment(url))
                 entered = super().__enter__()
                 stack.push(lambda *exc: super(ScaleOutDaskRunner, self).__exit__(*exc))
-                if self._client is not None:
-                    self._client.register_plugin(SetEnvironment({limits.LIMITS_ENV: scope}))
+                if self._client is not None:  # workers of a cluster started elsewhere too
+                    self._client.register_plugin(
+                        SetEnvironment({limits.LIMITS_ENV: variables[limits.LIMITS_ENV]})
+                    )
             except BaseException:
                 stack.close()
                 raise
-            self._vlpref_stack: contextlib.ExitStack | None = stack
+            self._vlpref_stack = stack
             return entered
 
         def __exit__(self, *exc_info: Any) -> None:
-            stack: contextlib.ExitStack | None = getattr(self, "_vlpref_stack", None)
-            self._vlpref_stack = None
-            if stack is not None:
-                stack.__exit__(*exc_info)  # the cluster first, then the run's limits
+            self._close_scale_out(*exc_info)
 
         def submit(self, task: Any, parameters: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             future = super().submit(task, parameters, *args, **kwargs)
@@ -223,3 +255,73 @@ def _scale_out_dask_runner(base: type[Any]) -> type[Any]:
 
 
 _DASK_RUNNER: type[Any] | None = None
+
+
+def _scale_out_ray_runner(base: type[Any]) -> type[Any]:
+    """`RayTaskRunner` with run-wide limits, a shared Prefect API and progress (module
+    docstring). The variables reach every task through Ray's `runtime_env` (each task's, merged
+    with any `remote_options` in force): a cluster started elsewhere, a local Ray and a Ray
+    already initialised in this process all get them. Built on first use: prefect-ray is an
+    optional extra."""
+    global _RAY_RUNNER
+    if _RAY_RUNNER is not None:
+        return _RAY_RUNNER
+    from prefect_ray.context import RemoteOptionsContext, remote_options
+
+    class ScaleOutRayRunner(_ScaleOut, base):  # type: ignore[misc]
+        def __enter__(self) -> Any:
+            stack, variables = self._open_scale_out()
+            try:
+                entered = super().__enter__()
+                stack.push(lambda *exc: super(ScaleOutRayRunner, self).__exit__(*exc))
+            except BaseException:
+                stack.close()
+                raise
+            self._vlpref_stack = stack
+            self._vlpref_variables = variables
+            return entered
+
+        def __exit__(self, *exc_info: Any) -> None:
+            self._close_scale_out(*exc_info)
+
+        def submit(self, task: Any, parameters: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            current = RemoteOptionsContext.get().current_remote_options
+            runtime_env = dict(current.get("runtime_env") or {})
+            runtime_env["env_vars"] = {
+                **(runtime_env.get("env_vars") or {}),
+                **self._vlpref_variables,
+            }
+            with remote_options(runtime_env=runtime_env):
+                future = super().submit(task, parameters, *args, **kwargs)
+            stage = _stage_of(parameters)
+            if stage is not None:
+                # The object's own completion callback, with the task's final state as its
+                # value: prefect-ray's `add_done_callback` would make the callback fetch it again.
+                future.wrapped_future._on_completed(
+                    lambda state: _tell_progress_of_state(*stage, state)
+                )
+            return future
+
+    ScaleOutRayRunner.__qualname__ = ScaleOutRayRunner.__name__
+    _RAY_RUNNER = ScaleOutRayRunner
+    return ScaleOutRayRunner
+
+
+def _tell_progress_of_state(stage: str, branch_id: str, state: Any) -> None:
+    """A Ray task finished: its value is the task's final Prefect state (or the exception that
+    crashed it). Tell this process's listeners the stage's counts, as `_tell_progress` does."""
+    from flows import progress
+
+    try:
+        value = state.result(raise_on_failure=False)
+    except Exception:  # the display is a nicety: never let it break the run
+        return
+    if asyncio.iscoroutine(value):  # only from an event loop, which Ray's callbacks are not
+        value.close()
+        return
+    counts = getattr(value, "counts", None)
+    if isinstance(counts, dict):
+        progress.notify(stage, branch_id, counts)
+
+
+_RAY_RUNNER: type[Any] | None = None

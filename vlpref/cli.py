@@ -62,7 +62,8 @@ def run(
     ] = None,
     runner: Annotated[str, typer.Option(help="task runner: threads, dask or ray")] = "threads",
     workers: Annotated[
-        int | None, typer.Option(help="local workers (threads or processes)")
+        int | None,
+        typer.Option(help="local workers: threads, Dask processes, or a local Ray's CPUs"),
     ] = None,
     address: Annotated[
         str | None, typer.Option(help="an existing Dask scheduler or Ray cluster address")

@@ -4,8 +4,10 @@
   (read from the sim's request log: never more calls in flight than configured), deletes the
   run's global concurrency limits from the Prefect server at the end, and reports every finished
   stage to this process's progress listeners.
-- `vlpref run --runner dask --workers 2` without PREFECT_API_URL starts one Prefect server for
-  the run (no worker starts its own) and leaves no process behind (psutil, before and after).
+- The same under the Ray runner (two local Ray workers): Ray's `runtime_env` carries the scope.
+- `vlpref run --runner dask|ray --workers 2` without PREFECT_API_URL starts one Prefect server
+  for the run (no worker starts its own) and leaves no process behind (psutil, before and after;
+  under Ray also its GCS, raylet and dashboard).
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ def gcl_names() -> list[str]:
         return [str(g.name) for g in client.read_global_concurrency_limits(limit=200)]
 
 
-def test_dask_workers_share_the_endpoint_concurrency(
-    tmp_path: Path, sim: SimServer, prefect_server: str
+@pytest.mark.parametrize("runner", ["dask", "ray"])
+def test_workers_share_the_endpoint_concurrency(
+    runner: str, tmp_path: Path, sim: SimServer, prefect_server: str
 ) -> None:
     path = write_config(tmp_path, sim, concurrency=2)
     branches = len(load_taxonomy(REPO / "taxonomy" / "demo.yaml").select(None))
@@ -90,7 +93,7 @@ def test_dask_workers_share_the_endpoint_concurrency(
     unsubscribe = progress.subscribe(lambda stage, branch, counts: heard.append((stage, branch)))
     sim.reset()
     try:
-        build_dataset.with_options(task_runner=task_runner("dask", workers=2))(str(path))
+        build_dataset.with_options(task_runner=task_runner(runner, workers=2))(str(path))
     finally:
         unsubscribe()
     log = sim.requests_log()
@@ -103,29 +106,36 @@ def test_dask_workers_share_the_endpoint_concurrency(
     assert len(set(heard)) == len(STAGES) * branches, sorted(set(heard))
 
 
-def python_processes() -> dict[int, str]:
-    me = psutil.Process().username()
-    found: dict[int, str] = {}
-    for proc in psutil.process_iter(["username", "cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if proc.info["username"] == me and cmdline and "python" in cmdline[0]:
-            found[proc.pid] = " ".join(cmdline)
-    return found
-
-
 def is_prefect_server(cmdline: str) -> bool:
     return "prefect" in cmdline and ("server" in cmdline or "uvicorn" in cmdline)
 
 
-def test_cli_dask_run_starts_one_server_and_leaves_no_process(
-    tmp_path: Path, sim: SimServer
+def is_worker(runner: str, cmdline: str) -> bool:
+    if runner == "dask":  # LocalCluster's worker processes
+        return "multiprocessing" in cmdline and "spawn" in cmdline
+    return "ray::" in cmdline or "default_worker.py" in cmdline  # Ray's, by their titles
+
+
+def all_processes() -> dict[int, str]:
+    """Every process of this user (Ray's GCS and raylet are not Python), by pid."""
+    me = psutil.Process().username()
+    found: dict[int, str] = {}
+    for proc in psutil.process_iter(["username", "cmdline", "name"]):
+        if proc.info["username"] == me:
+            found[proc.pid] = " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])
+    return found
+
+
+@pytest.mark.parametrize("runner", ["dask", "ray"])
+def test_cli_run_on_workers_starts_one_server_and_leaves_no_process(
+    runner: str, tmp_path: Path, sim: SimServer
 ) -> None:
     path = write_config(tmp_path, sim)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    before = python_processes()
+    before = all_processes()
     run = subprocess.Popen(
-        [*VLPREF_RUN, str(path), "--runner", "dask", "--workers", "2", "--no-preflight"],
+        [*VLPREF_RUN, str(path), "--runner", runner, "--workers", "2", "--no-preflight"],
         cwd=REPO,
         env=env,
         stdout=(tmp_path / "out.txt").open("w"),
@@ -144,11 +154,11 @@ def test_cli_dask_run_starts_one_server_and_leaves_no_process(
     assert run.returncode == 0, err[-3000:]
     servers = [cmd for cmd in family.values() if is_prefect_server(cmd)]
     assert len(servers) == 1, servers  # the run's; none started by a worker
-    workers = [cmd for cmd in family.values() if "multiprocessing" in cmd and "spawn" in cmd]
-    assert len(workers) >= 2, family  # the Dask workers really ran as processes
-    deadline = time.monotonic() + 10
+    workers = [cmd for cmd in family.values() if is_worker(runner, cmd)]
+    assert len(workers) >= 2, family  # the workers really ran as processes
+    deadline = time.monotonic() + 15
     while True:
-        left = {p: c for p, c in python_processes().items() if p not in before}
+        left = {p: c for p, c in all_processes().items() if p not in before}
         left = {p: c for p, c in left.items() if p in family or is_prefect_server(c)}
         if not left or time.monotonic() > deadline:
             break
