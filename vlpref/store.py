@@ -102,6 +102,7 @@ import pyarrow.parquet as pq
 from vlpref.config import SECRET_FIELDS
 from vlpref.errors import StoreError
 from vlpref.fs import AbstractFileSystem, is_local, join, resolve
+from vlpref.parquet_read import read_parquet
 from vlpref.records import SCHEMAS
 from vlpref.redact import contains_secret
 
@@ -574,7 +575,7 @@ class Version:
         for rel in self.parts(folder):
             try:
                 with self.store.fs.open(join(self._dir, rel), "rb") as f:
-                    tables.append(pq.read_table(f, columns=columns))
+                    tables.append(read_parquet(f, columns=columns))
             except FileNotFoundError:
                 raise StoreError(f"{self.path(rel)}: a part of the version is missing") from None
             except (pa.ArrowException, OSError) as exc:
@@ -952,7 +953,7 @@ class Store:
                     schema_names = pq.read_schema(f).names
                 with self.fs.open(join(staging, rel), "rb") as f:
                     wanted = [c for c in columns if c in schema_names]
-                    by_split.setdefault(name, []).append(pq.read_table(f, columns=wanted))
+                    by_split.setdefault(name, []).append(read_parquet(f, columns=wanted))
         return {name: _split_counts(pa.concat_tables(t)) for name, t in sorted(by_split.items())}
 
     def _write_meta(

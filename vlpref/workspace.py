@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from vlpref.fs import is_local, join, resolve
 from vlpref.journal import Journal
 from vlpref.keys import canonical_json
+from vlpref.parquet_read import read_parquet
 from vlpref.stage import StageOutput
 
 COUNTS_FILE = "counts.json"
@@ -156,7 +157,7 @@ class Workspace:
         if n_failed == 0:
             return key, {}
         with self.fs.open(join(folder, "failures.parquet"), "rb") as handle:
-            failures = pq.read_table(io.BytesIO(handle.read()), columns=["item_id", "kind"])
+            failures = read_parquet(io.BytesIO(handle.read()), columns=["item_id", "kind"])
         items = failures.column("item_id").to_pylist()
         return output_id(key, items), dict(Counter(failures.column("kind").to_pylist()))
 
@@ -223,4 +224,4 @@ class Workspace:
         folder = self._dir(ref.stage, ref.branch_id, ref.key, ref.generation)
         path = join(folder, f"{table_name}.parquet")
         with self.fs.open(path, "rb") as handle:
-            return pq.read_table(io.BytesIO(handle.read()))
+            return read_parquet(io.BytesIO(handle.read()))

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from vlpref.errors import StoreError
 from vlpref.export.filters import Filters, Tally
+from vlpref.parquet_read import read_parquet
 from vlpref.store import EMPTY_PART, Store, Version
 
 __all__ = [
@@ -69,7 +70,7 @@ def open_version(version: Version | str | Path) -> Version:
 def read_part(version: Version, rel: str, columns: list[str] | None = None) -> pa.Table:
     """One Parquet part of `version` (all its rows; for side-table parts, one branch)."""
     with version.store.fs.open(version.path(rel), "rb") as f:
-        return pq.read_table(f, columns=columns)
+        return read_parquet(f, columns=columns)
 
 
 def _batches(version: Version, rel: str, columns: list[str]) -> Iterator[pa.Table]:
