@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
+import threading
 from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -121,22 +123,6 @@ def task_runner(
     raise ConfigError(f"unknown task runner {name!r} (one of {', '.join(RUNNERS)})")
 
 
-class SetEnvironment:
-    """A Dask worker plugin that sets environment variables in every worker, including workers
-    that join later: how a cluster started elsewhere (`--address`) learns the run's limits
-    scope. Local workers inherit the variables anyway."""
-
-    name = "vlpref-environment"
-
-    def __init__(self, variables: dict[str, str]) -> None:
-        self.variables = variables
-
-    def setup(self, worker: Any) -> None:
-        import os
-
-        os.environ.update(self.variables)
-
-
 def _api_url_for_workers() -> str | None:
     """The Prefect API this process talks to: the configured one, or the temporary server
     Prefect started for it (a flow called from Python without PREFECT_API_URL). Local workers
@@ -185,11 +171,60 @@ def _tell_progress(stage: str, branch_id: str, future: Any) -> None:
 
 class _ScaleOut:
     """What the Dask and Ray runners add to prefect-dask's and prefect-ray's (module docstring):
-    the run's limits scope and Prefect API for every worker, and each finished stage told to this
-    process's progress listeners. A mixin placed before the runner's class."""
+    the run's limits scope and Prefect API for every worker, each finished stage told to this
+    process's progress listeners, and a cluster reached at the first task rather than on entry.
+
+    Prefect enters the task runner before the flow function runs and outside its error
+    handling: a cluster that cannot be reached there (a wrong address, Ray's token
+    authentication) raises out of the engine and leaves the flow run "Running" in the UI
+    forever. Reached from the first `submit`, inside the flow function, the same error fails
+    the flow run with its message. A mixin placed before the runner's class."""
 
     _vlpref_stack: contextlib.ExitStack | None = None  # open from __enter__ to __exit__
     _vlpref_variables: dict[str, str]  # what every worker needs in its environment (set on entry)
+    _vlpref_connected = False
+    _started: bool
+
+    def __enter__(self) -> Any:
+        if self._started:  # as Prefect's TaskRunner.__enter__, which `_connect` calls later
+            raise RuntimeError("This task runner is already started")
+        self._vlpref_stack, self._vlpref_variables = self._open_scale_out()
+        self._vlpref_connected = False
+        self._vlpref_lock = threading.Lock()
+        self._started = True  # submit accepts tasks; the cluster is reached at the first
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if not self._vlpref_connected:
+            self._started = False
+        self._close_scale_out(*exc_info)
+
+    def _connect(self) -> None:
+        """Start or reach the cluster: the runner's own `__enter__`, once, at the first task."""
+        with self._vlpref_lock:
+            if self._vlpref_connected:
+                return
+            stack = self._vlpref_stack
+            assert stack is not None, "the task runner is not entered"
+            self._started = False  # the runner's __enter__ checks it was not started yet
+            try:
+                super().__enter__()  # type: ignore[misc]
+            except BaseException as exc:
+                self._started = True
+                raise self._connection_error(exc) from None
+            self._vlpref_connected = True
+            stack.push(lambda *exc: super(_ScaleOut, self).__exit__(*exc))  # type: ignore[misc]
+            try:
+                self._after_connect()
+            except BaseException as exc:
+                raise self._connection_error(exc) from None
+
+    def _connection_error(self, exc: BaseException) -> BaseException:
+        """The error to raise when the cluster cannot be reached (default: Ray's or Dask's)."""
+        return exc
+
+    def _after_connect(self) -> None:
+        """What the runner does once its cluster is there."""
 
     def _open_scale_out(self) -> tuple[contextlib.ExitStack, dict[str, str]]:
         """Enter the run's limits scope and, for local workers spawned from here, this process's
@@ -213,7 +248,7 @@ class _ScaleOut:
     def _close_scale_out(self, *exc_info: Any) -> None:
         stack, self._vlpref_stack = self._vlpref_stack, None
         if stack is not None:
-            stack.__exit__(*exc_info)  # after the cluster: the run's limits go last
+            stack.__exit__(*exc_info)  # the cluster first (pushed last), the run's limits last
 
 
 def _scale_out_dask_runner(base: type[Any]) -> type[Any]:
@@ -223,26 +258,40 @@ def _scale_out_dask_runner(base: type[Any]) -> type[Any]:
     if _DASK_RUNNER is not None:
         return _DASK_RUNNER
 
-    class ScaleOutDaskRunner(_ScaleOut, base):  # type: ignore[misc]
-        def __enter__(self) -> Any:
-            stack, variables = self._open_scale_out()
-            try:
-                entered = super().__enter__()
-                stack.push(lambda *exc: super(ScaleOutDaskRunner, self).__exit__(*exc))
-                if self._client is not None:  # workers of a cluster started elsewhere too
-                    self._client.register_plugin(
-                        SetEnvironment({limits.LIMITS_ENV: variables[limits.LIMITS_ENV]})
-                    )
-            except BaseException:
-                stack.close()
-                raise
-            self._vlpref_stack = stack
-            return entered
+    from distributed import WorkerPlugin
 
-        def __exit__(self, *exc_info: Any) -> None:
-            self._close_scale_out(*exc_info)
+    class SetEnvironment(WorkerPlugin):
+        """Sets environment variables in every worker, including workers that join later: how
+        a cluster started elsewhere (`--address`) learns the run's limits scope. Local workers
+        inherit the variables anyway."""
+
+        name = "vlpref-environment"
+
+        def __init__(self, variables: dict[str, str]) -> None:
+            self.variables = variables
+
+        def setup(self, worker: Any) -> None:
+            os.environ.update(self.variables)
+
+    class ScaleOutDaskRunner(_ScaleOut, base):  # type: ignore[misc]
+        def _after_connect(self) -> None:
+            # prefect-dask starts or reaches the cluster when its `client` is first read; the
+            # plugin then gives every worker the run's scope, those of a cluster started
+            # elsewhere (which inherit nothing from this process) and those that join later.
+            scope = self._vlpref_variables[limits.LIMITS_ENV]
+            self.client.register_plugin(SetEnvironment({limits.LIMITS_ENV: scope}))
+
+        def _connection_error(self, exc: BaseException) -> BaseException:
+            if self.address and isinstance(exc, (OSError, TimeoutError)):
+                reason = " ".join(str(exc).split())[:300]
+                return ConfigError(
+                    f"could not connect to the Dask scheduler at {self.address} ({reason}): "
+                    "check the address and that the scheduler runs (`dask scheduler`)"
+                )
+            return exc
 
         def submit(self, task: Any, parameters: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            self._connect()
             future = super().submit(task, parameters, *args, **kwargs)
             stage = _stage_of(parameters)
             if stage is not None:
@@ -267,24 +316,16 @@ def _scale_out_ray_runner(base: type[Any]) -> type[Any]:
     if _RAY_RUNNER is not None:
         return _RAY_RUNNER
     from prefect_ray.context import RemoteOptionsContext, remote_options
+    from ray.exceptions import RayError
 
     class ScaleOutRayRunner(_ScaleOut, base):  # type: ignore[misc]
-        def __enter__(self) -> Any:
-            stack, variables = self._open_scale_out()
-            try:
-                entered = super().__enter__()
-                stack.push(lambda *exc: super(ScaleOutRayRunner, self).__exit__(*exc))
-            except BaseException:
-                stack.close()
-                raise
-            self._vlpref_stack = stack
-            self._vlpref_variables = variables
-            return entered
-
-        def __exit__(self, *exc_info: Any) -> None:
-            self._close_scale_out(*exc_info)
+        def _connection_error(self, exc: BaseException) -> BaseException:
+            if self.address and isinstance(exc, (ConnectionError, RayError)):
+                return ConfigError(_ray_connection_error(self.address, exc))
+            return exc
 
         def submit(self, task: Any, parameters: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            self._connect()
             current = RemoteOptionsContext.get().current_remote_options
             runtime_env = dict(current.get("runtime_env") or {})
             runtime_env["env_vars"] = {
@@ -305,6 +346,26 @@ def _scale_out_ray_runner(base: type[Any]) -> type[Any]:
     ScaleOutRayRunner.__qualname__ = ScaleOutRayRunner.__name__
     _RAY_RUNNER = ScaleOutRayRunner
     return ScaleOutRayRunner
+
+
+def _ray_connection_error(address: str, exc: BaseException) -> str:
+    """What to do when `ray.init(address)` fails: Ray says only "Failed to connect" after ~20 s
+    of retries, and the usual cause since Ray 2.59 is its token authentication (on by default
+    for clusters started with `ray start`, off in a client that does not set it)."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    hint = (
+        "the cluster's token is not accepted: give this host the cluster's token "
+        "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+        if mode == "token"
+        else "if the cluster uses token authentication (Ray's default since 2.59), set "
+        f"RAY_AUTH_MODE=token (now {'unset' if mode is None else repr(mode)}) and give this "
+        "host the cluster's token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+    )
+    reason = " ".join(str(exc).split())[:300]
+    return (
+        f"could not connect to the Ray cluster at {address} ({reason}): check the address; "
+        f"{hint}; see docs/cluster.md, section 5"
+    )
 
 
 def _tell_progress_of_state(stage: str, branch_id: str, state: Any) -> None:

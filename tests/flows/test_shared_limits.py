@@ -13,10 +13,14 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +192,169 @@ def test_cli_refuses_a_cluster_by_address_without_a_prefect_server(
     assert "export PREFECT_API_URL=" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "prefect-home" / "server.log").exists()  # no server was started
+
+
+def latest_flow_run_state() -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+    return run.state
+
+
+@dataclass
+class RayHead:
+    address: str
+    token_path: Path
+
+
+@pytest.fixture
+def ray_head() -> Iterator[RayHead]:
+    """A Ray cluster started apart from this process (`ray start --head`), as on a real head
+    node, with token authentication on (Ray's default since 2.59) and its token in a file of its
+    own (not ~/.ray). Its workers inherit nothing from the test, neither PREFECT_API_URL nor the
+    run's limits scope: what they know comes through the runner."""
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # socket paths must fit 107 bytes
+    token_path = temp / "auth_token"
+    token_path.write_text(secrets.token_hex(16))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VLPREF_", "RAY_"))}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    port = "6389"
+    start = subprocess.run(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={temp / 'session'}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        yield RayHead(f"127.0.0.1:{port}", token_path)
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_ray_cluster_by_address_with_token_authentication(
+    tmp_path: Path, sim: SimServer, prefect_server: str, ray_head: RayHead
+) -> None:
+    """`vlpref run --runner ray --address` against a cluster started elsewhere: without
+    RAY_AUTH_MODE=token one `error:` line saying what to set (not Ray's bare "Failed to connect")
+    and a flow run failed with it (not left "Running"); with the token, the build runs on the
+    cluster's workers, which get the run's limits scope only through the tasks' runtime_env:
+    peak in flight <= 2."""
+    path = write_config(tmp_path, sim, concurrency=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLPREF_", "RAY_"))}
+    env["PREFECT_API_URL"] = prefect_server
+    command = [*VLPREF_RUN, str(path), "--runner", "ray", "--address", ray_head.address]
+    refused = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, refused.stderr[-3000:]
+    assert "RAY_AUTH_MODE=token" in errors[0] and ray_head.address in errors[0]
+    assert "Traceback" not in refused.stderr
+    assert ray_head.token_path.read_text() not in refused.stderr + refused.stdout
+    state = latest_flow_run_state()  # failed with the reason, not left "Running"
+    assert state.is_failed() and "RAY_AUTH_MODE=token" in str(state.message), state
+
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_head.token_path)}
+    sim.reset()
+    done = subprocess.run(
+        [*command, "--no-preflight"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = sim.requests_log()
+    assert len(log) > 50 and all(e["status"] == 200 for e in log)
+    assert peak_in_flight(log, LATENCY_S) <= 2
+
+
+def test_an_unreachable_dask_scheduler_fails_the_flow_run_with_its_reason(
+    tmp_path: Path, sim: SimServer, prefect_server: str
+) -> None:
+    path = write_config(tmp_path, sim)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLPREF_")}
+    env["PREFECT_API_URL"] = prefect_server
+    env["DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT"] = "3s"  # Dask's default waits 30 s
+    done = subprocess.run(
+        [*VLPREF_RUN, str(path), "--runner", "dask", "--address", "tcp://127.0.0.1:9"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Dask scheduler at tcp://127.0.0.1:9" in errors[0], errors
+    assert "Traceback" not in done.stderr
+    state = latest_flow_run_state()
+    assert state.is_failed() and "tcp://127.0.0.1:9" in str(state.message), state
+
+
+@pytest.fixture
+def dask_cluster(prefect_server: str) -> Iterator[str]:
+    """A Dask scheduler and two worker processes started apart from this process, as on other
+    hosts: they know the Prefect server (PREFECT_API_URL, which the docs ask every worker to
+    have) but not the run's limits scope, which only the runner's worker plugin gives them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLPREF_")}
+    env["PREFECT_API_URL"] = prefect_server
+    dask_cli = str(Path(sys.executable).with_name("dask"))
+    address = "tcp://127.0.0.1:8799"
+    quiet = subprocess.DEVNULL
+    scheduler = subprocess.Popen(
+        [dask_cli, "scheduler", "--port", "8799", "--no-dashboard"],
+        cwd=REPO,
+        env=env,
+        stdout=quiet,
+        stderr=quiet,
+    )
+    workers = subprocess.Popen(
+        [dask_cli, "worker", address, "--nworkers", "2", "--nthreads", "4", "--no-dashboard"],
+        cwd=REPO,
+        env=env,
+        stdout=quiet,
+        stderr=quiet,
+    )
+    try:
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:  # type: ignore[no-untyped-call]
+            client.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        for process in (workers, scheduler):
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_a_dask_cluster_by_address_gets_the_scope_through_the_worker_plugin(
+    tmp_path: Path, sim: SimServer, dask_cluster: str
+) -> None:
+    path = write_config(tmp_path, sim, concurrency=2)
+    sim.reset()
+    build_dataset.with_options(task_runner=task_runner("dask", address=dask_cluster))(str(path))
+    log = sim.requests_log()
+    assert len(log) > 50 and all(e["status"] == 200 for e in log)
+    assert peak_in_flight(log, LATENCY_S) <= 2  # two workers, one limit of 2 for both
