@@ -1,15 +1,18 @@
 """Run-wide endpoint limits (issue 20 item 1): do `concurrency` and `rpm` hold with 1, 2 and 4
-Dask workers, and what does the shared limiter cost per request?
+Dask or Ray workers, and what does the shared limiter cost per request?
 
     python -m bench.shared_limits [--requests 1600] [--rate-requests 400] [--out bench/results]
 
 One simulated server (constant 50 ms latency) and one local Prefect server. Each Dask worker (a
-process of a `LocalCluster`) builds the endpoint's provider, as a stage task would, and sends
+process of a `LocalCluster`) or Ray worker (a task of a local Ray given N CPUs, the scope handed
+over in its `runtime_env` as `flows/runners.py` does) builds the endpoint's provider, as a stage
+task would, and sends
 its share of the requests through it (`OpenAICompatProvider.complete`, `concurrency` coroutines
 per process, so without shared limits every process alone fills the limit):
 
   threads      one process, process-local limits (`LocalLimiter`): the threads runner;
   dask N       N worker processes under `vlpref.limits.shared_limits()` (`PrefectLimiter`);
+  ray N        N Ray worker processes under the same scope;
   dask 4 local 4 worker processes with process-local limits: what the runner did before.
 
 Read from the sim's request log (`GET /sim/requests`: arrival time of each call): the peak of
@@ -95,13 +98,20 @@ def busiest_rpm(arrivals: list[float], window_s: float = 10.0) -> float:
 
 
 def run_case(
-    sim: SimServer, endpoint: dict[str, Any], requests: int, workers: int | None, shared: bool
+    sim: SimServer,
+    endpoint: dict[str, Any],
+    requests: int,
+    workers: int | None,
+    shared: bool,
+    runner: str = "dask",
 ) -> dict[str, Any]:
-    """One row: `workers` Dask processes (None: this process alone)."""
+    """One row: `workers` Dask or Ray processes (None: this process alone)."""
     sim.reset()
     started = time.monotonic()
     if workers is None:
         ok = send(sim.base_url, endpoint, requests, "threads")
+    elif runner == "ray":
+        ok = send_on_ray(sim.base_url, endpoint, requests, workers)
     else:
         from distributed import Client, LocalCluster
 
@@ -130,6 +140,23 @@ def run_case(
         "mean_rpm": len(arrivals) / span * 60 if span else 0.0,
         "took_s": took,
     }
+
+
+def send_on_ray(base_url: str, endpoint: dict[str, Any], requests: int, workers: int) -> int:
+    """`workers` Ray tasks on a local Ray of `workers` CPUs (one task per worker process), each
+    with the run's scope and Prefect API in its `runtime_env`, as the Ray runner gives them."""
+    import ray
+
+    with limits.shared_limits() as scope:
+        variables = {limits.LIMITS_ENV: scope, "PREFECT_API_URL": os.environ["PREFECT_API_URL"]}
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        try:
+            remote = ray.remote(send).options(runtime_env={"env_vars": variables})
+            share = requests // workers
+            refs = [remote.remote(base_url, endpoint, share, f"r{i}") for i in range(workers)]
+            return sum(ray.get(refs))
+        finally:
+            ray.shutdown()
 
 
 class _no_scope:
@@ -192,16 +219,20 @@ def main() -> None:
             ("dask 1", 1, True),
             ("dask 2", 2, True),
             ("dask 4", 4, True),
+            ("ray 1", 1, True),
+            ("ray 2", 2, True),
+            ("ray 4", 4, True),
             ("dask 4, per-process limits", 4, False),
         ]
-        for label, workers, shared in cases:
-            result = run_case(sim, conc, args.requests, workers, shared)
-            rows.append(("concurrency", label, result))
-            print("concurrency", label, result, flush=True)
-        for label, workers, shared in cases:
-            result = run_case(sim, rate, args.rate_requests, workers, shared)
-            rows.append(("rpm", label, result))
-            print("rpm", label, result, flush=True)
+        for kind, endpoint, count in (
+            ("concurrency", conc, args.requests),
+            ("rpm", rate, args.rate_requests),
+        ):
+            for label, workers, shared in cases:
+                runner = label.split()[0]
+                result = run_case(sim, endpoint, count, workers, shared, runner)
+                rows.append((kind, label, result))
+                print(kind, label, result, flush=True)
         cost = overhead(2000, args.concurrency)
         print("overhead", cost, flush=True)
     write_report(args, rows, cost)
@@ -218,9 +249,9 @@ def write_report(
         "",
         "`python -m bench.shared_limits` (bench/shared_limits.py): a simulated endpoint with a "
         f"constant {LATENCY_S * 1000:.0f} ms latency, a local Prefect server (SQLite, no "
-        "services), Dask `LocalCluster` worker processes each sending its share through the "
-        "endpoint's provider; 2 shared CPU cores. Peak in flight and requests per minute are "
-        "read from the sim's request log.",
+        "services), Dask `LocalCluster` worker processes or local Ray worker processes, each "
+        "sending its share through the endpoint's provider; 2 shared CPU cores. Peak in flight "
+        "and requests per minute are read from the sim's request log.",
         "",
         f"## concurrency: {args.concurrency} ({args.requests} requests)",
         "",

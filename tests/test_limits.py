@@ -79,6 +79,35 @@ def test_rpm_holds_across_limiters(prefect_server: str) -> None:
         assert sum(1 for u in starts if t <= u < t + 1.0) <= 20
 
 
+def test_a_closing_limiter_keeps_its_spent_rate_slots_for_their_window(
+    prefect_server: str,
+) -> None:
+    """A worker whose provider closes while the others go on: its rpm blocks go back only
+    once the units spent from them are out of the window, or the others would spend those
+    slots a second time within it (40 in one second here, against 20)."""
+    prefix = f"vlpref-test{os.getpid()}-close"
+    first, second = (PrefectLimiter(prefix, concurrency=64, rpm=1200) for _ in range(2))
+
+    async def go() -> tuple[list[float], float]:
+        starts: list[float] = []
+        for _ in range(20):  # the whole window's 20 requests
+            await first.admit(0)
+            starts.append(time.monotonic())
+        closing = time.monotonic()
+        await first.aclose()
+        waited = time.monotonic() - closing
+        for _ in range(20):
+            await second.admit(0)
+            starts.append(time.monotonic())
+        await second.aclose()
+        return starts, waited
+
+    starts, waited = asyncio.run(go())
+    assert waited <= 1.5, waited  # one rpm window at most
+    for t in starts:
+        assert sum(1 for u in starts if t <= u < t + 1.0) <= 20
+
+
 def test_tpm_takes_estimates_and_settles_locally(prefect_server: str) -> None:
     prefix = f"vlpref-test{os.getpid()}-tpm"
     # 1,000 tokens a second, over one-second windows (ten by default)

@@ -25,12 +25,14 @@ locally:
   its services; vlpref's own temporary server runs none, and the run's limits are deleted when
   the run ends anyway).
 - rates: `rpm` as at most rpm/60 requests per one-second window, `tpm` as at most tpm/6 tokens
-  per ten-second window, each on a GCL *without* decay whose slots a process leases in blocks,
-  spends locally and hands back one window after the block's last use (`_LeasedRate`). Prefect's
-  own rate limits (GCLs with slot decay) were tried first: a denied request moves the limit's
-  `updated` time without applying the decay, so every denial throws away the decay accumulated
-  since the last update, and with several processes polling a 1,200 rpm limit granted 570-940
-  rpm (bench/results/*-limits.md).
+  per ten-second window, each on a GCL *without* decay whose slots a process leases in blocks and
+  keeps: a unit spent holds one of the block's slots for one window, then the slot serves again
+  locally (`_LeasedRate`). Blocks are handed back when `hold_s` old or unused for a window, one
+  window after their last use. Prefect's own rate limits (GCLs with slot decay) were tried first:
+  a denied request moves the limit's `updated` time without applying the decay, so every denial
+  throws away the decay accumulated since the last update, and with several processes polling a
+  1,200 rpm limit granted 570-940 rpm; handing every spent block back and leasing a new one
+  (the second design) used 28-63% of the rate with 2-4 processes (bench/results/*-limits.md).
 
 The server's own signals (`x-ratelimit-*` headers, a 429's Retry-After cool-down) stay per
 process, in each limiter's `rate` (a `RateLimiter`): every worker sees them on its own answers.
@@ -54,7 +56,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
 LIMITS_ENV = "VLPREF_SHARED_LIMITS"
 NAME_PREFIX = "vlpref-"
 LEASE_S = 60.0  # Prefect's shortest lease; renewed every third of it while held
+CLOSE_WAIT_S = 30.0  # the longest a closing limiter waits for its rate windows to end
 logger = logging.getLogger(__name__)
 
 
@@ -284,10 +287,9 @@ class PrefectLimiter:
         if client is None:
             return
         leases, self._leases = self._leases, []
-        for rate in (self._rpm, self._tpm):  # units spent from these stay counted: the
-            if rate is not None and rate._lease is not None:  # run's window is over anyway
-                leases.append(rate._lease)
-                rate._lease = None
+        for rate in (self._rpm, self._tpm):
+            if rate is not None:
+                leases += await rate.close()
         for lease in leases:
             with contextlib.suppress(Exception):  # best effort: the run deletes its limits
                 await client.release_concurrency_slots_with_lease(lease.lease_id)
@@ -382,8 +384,7 @@ class PrefectLimiter:
                 if lease is None:
                     continue
                 self._leases.append(lease)
-                if self._renewing is None:
-                    self._renewing = asyncio.create_task(self._renew_while_held())
+                self._keep_renewed()
                 self._hand_out(lease)
                 if lease.in_use == 0:  # nobody left to take it
                     lease.idle_since = time.monotonic()
@@ -440,12 +441,24 @@ class PrefectLimiter:
             raise ConfigError(f"concurrency limit {name} is gone")
         return _Lease(granted.lease_id, slots, time.monotonic())
 
+    def _held(self) -> list[_Lease]:
+        """Every lease this process holds: concurrency blocks and the rates' blocks."""
+        held = list(self._leases)
+        for rate in (self._rpm, self._tpm):
+            if rate is not None:
+                held += rate.leases
+        return held
+
+    def _keep_renewed(self) -> None:
+        if self._renewing is None:
+            self._renewing = asyncio.create_task(self._renew_while_held())
+
     async def _renew_while_held(self) -> None:
         try:
-            while self._leases:
+            while self._held():
                 await asyncio.sleep(LEASE_S / 3)
                 client = self._client
-                for lease in list(self._leases):
+                for lease in self._held():
                     if client is None:
                         return
                     with contextlib.suppress(Exception):  # the next renewal tries again
@@ -456,15 +469,37 @@ class PrefectLimiter:
             self._renewing = None
 
 
+@dataclass(eq=False, slots=True)
+class _RateBlock:
+    """A leased block of a rate GCL's slots, kept and reused: a unit spent at t holds one of its
+    slots until t + window."""
+
+    lease: _Lease
+    spends: deque[tuple[float, int]] = field(default_factory=deque)  # (when, units), in window
+    recent: int = 0  # units spent within the last window
+    last_use: float = 0.0
+    idle_check: bool = False  # a check for disuse is scheduled
+
+
 class _LeasedRate:
-    """At most `capacity` units (requests or tokens) per `window_s`, on a GCL *without* decay:
-    a unit spent at t keeps its slot taken until t + window_s, so the units spent in any window
-    never exceed the slots. Prefect's own rate limits (slot decay) lose the decay accumulated
-    since the limit's last update whenever a request is denied (the row's `updated` moves, its
-    active slots do not): with several processes polling, a decaying limit granted about half
-    its rate here. Slots are leased in blocks of a fifth of the capacity, spent locally, and
-    handed back `window_s` after the block's last use; a block takes units only within
-    `window_s` of its lease (what is left then is dropped, on the safe side)."""
+    """At most `capacity` units (requests or tokens) per `window_s`, on a GCL *without* decay.
+
+    A process leases blocks of slots (a fifth of the capacity each) and keeps them, as it keeps
+    its concurrency blocks: each unit it spends holds one of its block's slots for one window,
+    after which the slot serves again here without a round trip. Every slot counted on the
+    server serves at most one unit per window, so all processes together never spend more than
+    `capacity` units in any window. A block is retired once it is `hold_s` old (what it frees
+    another process may lease) or unused for a window, and handed back one window after its last
+    use. A process whose blocks are spent asks the server for another block at most every
+    `owner.max_poll_s` (an eighth of the window when it holds none), and otherwise waits for its
+    own oldest spend to age out.
+
+    Prefect's own rate limits (slot decay) lose the decay accumulated since the limit's last
+    update whenever a request is denied (the row's `updated` moves, its active slots do not):
+    with several processes polling, a decaying limit granted about half its rate here. Handing
+    each spent block back and leasing a new one (the design before this one) cost two writes to
+    the Prefect server per block and a poll per wait, and with 2-4 processes on SQLite used
+    28-63% of the rate (bench/results/*-limits.md)."""
 
     def __init__(
         self, owner: PrefectLimiter, name: str, per_minute: float, window_s: float
@@ -475,18 +510,46 @@ class _LeasedRate:
         self.window_s = max(window_s, 1.0 / per_s)  # at least one unit per window
         self.capacity = max(1, math.floor(per_s * self.window_s))
         self.block = max(1, min(self.capacity, math.ceil(self.capacity / 5)))
+        self.hold_s = max(owner.hold_s, self.window_s)
+        self.poll_s = min(owner.max_poll_s, self.window_s / 8)  # when this process holds none
         self.credit = 0.0  # settled estimates: + unused, - overspent (tpm)
-        self._lease: _Lease | None = None
-        self._left = 0
+        self._blocks: list[_RateBlock] = []
+        self._retired: list[_RateBlock] = []  # handed back one window after their last use
+        self._next_ask = 0.0
         self._lock = asyncio.Lock()
 
-    def _usable(self, amount: int) -> bool:
-        lease = self._lease
-        return (
-            lease is not None
-            and self._left >= amount
-            and time.monotonic() < lease.taken_at + self.window_s
-        )
+    @property
+    def leases(self) -> list[_Lease]:
+        """Every lease this rate holds on the server (kept or retired, not yet handed back)."""
+        return [block.lease for block in (*self._blocks, *self._retired)]
+
+    def _room(self, block: _RateBlock, now: float) -> int:
+        cutoff = now - self.window_s
+        while block.spends and block.spends[0][0] <= cutoff:
+            block.recent -= block.spends.popleft()[1]
+        return block.lease.size - block.recent
+
+    def _usable(self, amount: int, now: float) -> _RateBlock | None:
+        for block in list(self._blocks):
+            if now - block.lease.taken_at >= self.hold_s:
+                self._retire(block)
+            elif self._room(block, now) >= amount:
+                return block
+        return None
+
+    def _wait_for_room(self, amount: int, now: float) -> float | None:
+        """Seconds until one of this process's blocks has room for `amount`, or None."""
+        soonest: float | None = None
+        for block in self._blocks:
+            need = amount - self._room(block, now)
+            freed = 0
+            for when, units in block.spends:  # oldest first
+                freed += units
+                if freed >= need:
+                    at = when + self.window_s - now
+                    soonest = at if soonest is None else min(soonest, at)
+                    break
+        return soonest
 
     async def take(self, amount: int) -> None:
         amount = math.ceil(amount - self.credit)
@@ -495,38 +558,96 @@ class _LeasedRate:
             self.credit = float(-amount)
             return
         amount = min(amount, self.capacity)  # a request larger than a window takes it whole
-        if not self._lock.locked() and self._usable(amount):
-            self._spend(amount)
-            return
+        if not self._lock.locked():
+            now = time.monotonic()
+            block = self._usable(amount, now)
+            if block is not None:
+                self._spend(block, amount, now)
+                return
         async with self._lock:
-            while not self._usable(amount):
-                self._retire()
-                want = min(self.capacity, max(self.block, amount))
-                lease = await self.owner._lease_or_wait(self.name, want, amount)
-                if lease is not None:
-                    self._lease, self._left = lease, lease.size
-                    lease.idle_since = lease.taken_at
-                    loop = asyncio.get_running_loop()
-                    loop.call_later(self.window_s, self._retire_if_current, lease)
-            self._spend(amount)
+            while True:
+                now = time.monotonic()
+                block = self._usable(amount, now)
+                if block is not None:
+                    self._spend(block, amount, now)
+                    return
+                if now >= self._next_ask:
+                    if await self._lease_more(amount):
+                        continue
+                    poll = self.owner.max_poll_s if self._blocks else self.poll_s
+                    self._next_ask = time.monotonic() + poll * random.uniform(0.5, 1.0)
+                now = time.monotonic()
+                wait = self._next_ask - now
+                local = self._wait_for_room(amount, now)
+                if local is not None:
+                    wait = min(wait, local)
+                await asyncio.sleep(max(wait, 0.001))
 
-    def _spend(self, amount: int) -> None:
-        assert self._lease is not None
-        self._left -= amount
-        self._lease.idle_since = time.monotonic()  # here: when it was last spent from
+    async def _lease_more(self, amount: int) -> bool:
+        """One more block from the server (a full one, else just `amount`); False if refused."""
+        want = min(self.capacity, max(self.block, amount))
+        for slots in dict.fromkeys((want, amount)):
+            try:
+                lease = await self.owner._try_lease(self.name, slots)
+            except _Locked:
+                continue
+            self._blocks.append(_RateBlock(lease, last_use=lease.taken_at))
+            self.owner._keep_renewed()
+            return True
+        return False
 
-    def _retire_if_current(self, lease: _Lease) -> None:
-        if self._lease is lease:
-            self._retire()
+    def _spend(self, block: _RateBlock, amount: int, now: float) -> None:
+        block.spends.append((now, amount))
+        block.recent += amount
+        block.last_use = now
+        if not block.idle_check:
+            block.idle_check = True
+            asyncio.get_running_loop().call_later(self.window_s, self._retire_if_idle, block)
 
-    def _retire(self) -> None:
-        """Stop spending from the current block; hand it back `window_s` after its last use."""
-        lease, self._lease, self._left = self._lease, None, 0
-        if lease is None:
+    def _retire_if_idle(self, block: _RateBlock) -> None:
+        block.idle_check = False
+        if block not in self._blocks:
             return
-        last = lease.idle_since if lease.idle_since is not None else lease.taken_at
-        delay = max(0.0, last + self.window_s - time.monotonic())
-        asyncio.get_running_loop().call_later(delay, self.owner._spawn_release, lease.lease_id)
+        idle_for = time.monotonic() - block.last_use
+        if idle_for >= self.window_s:
+            self._retire(block)
+        else:
+            block.idle_check = True
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.window_s - idle_for, self._retire_if_idle, block)
+
+    def _retire(self, block: _RateBlock) -> None:
+        """Stop spending from `block`; hand it back one window after its last use."""
+        if block not in self._blocks:
+            return
+        self._blocks.remove(block)
+        self._retired.append(block)
+        delay = max(0.0, block.last_use + self.window_s - time.monotonic())
+        asyncio.get_running_loop().call_later(delay, self._hand_back, block)
+
+    def _hand_back(self, block: _RateBlock) -> None:
+        if block in self._retired:
+            self._retired.remove(block)
+            self.owner._spawn_release(block.lease.lease_id)
+
+    async def close(self, most_wait_s: float = CLOSE_WAIT_S) -> list[_Lease]:
+        """The leases to hand back now (the limiter is closing), once the units spent from them
+        are out of the window: other workers of the run go on, and a block handed back early
+        would let them spend its units a second time within one window. Waits for that (an
+        rpm window is a second, a tpm window ten) up to `most_wait_s`; a block whose window
+        ends later still (a rate under 2 a minute) is kept, not renewed: it comes back when its
+        lease expires on a server that runs its services, or when the run deletes its limits."""
+        blocks = [*self._blocks, *self._retired]
+        self._blocks, self._retired = [], []
+        now = time.monotonic()
+        ends: dict[int, float] = {}  # when each block's last spend leaves the window
+        for block in blocks:
+            self._room(block, now)  # drops the spends already out of the window
+            ends[id(block)] = block.spends[-1][0] + self.window_s if block.spends else now
+        soon = [b for b in blocks if ends[id(b)] - now <= most_wait_s]
+        if soon:
+            await asyncio.sleep(max(0.0, max(ends[id(b)] for b in soon) - now))
+        return [b.lease for b in soon]
 
     def settle(self, estimated: int, actual: int) -> None:
         self.credit = min(float(self.capacity), self.credit + estimated - actual)

@@ -296,7 +296,9 @@ class ModelService:
                 await provider.aclose()
 
         if self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(timeout=10)
+            # A provider under run-wide limits may wait out its rate windows (a tpm window is
+            # ten seconds) before it hands its blocks back: vlpref/limits.py, CLOSE_WAIT_S.
+            asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(timeout=45)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
         self._providers.clear()
