@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv test lint typecheck unit demo clean bench bench-peers bench-scale test-vllm test-trainers
+.PHONY: venv test lint typecheck unit demo clean bench bench-peers bench-scale test-vllm test-trainers test-cluster
 
 venv: $(STAMP)
 
@@ -29,7 +29,12 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not cluster"
+
+# The scale-out tier: the endpoint limits, clean-up and connection errors on real Dask and Ray
+# clusters (local ones, and ones started apart with `dask scheduler` / `ray start --head`).
+test-cluster: $(STAMP)
+	$(BIN)/pytest -m cluster
 
 # The README's test command: lint, types, then every test. Fails loudly on the first problem.
 test: lint typecheck unit

@@ -34,6 +34,9 @@ from flows.runners import task_runner
 from vlpref.sim.testing import SimServer, sim_run_config
 from vlpref.taxonomy import load_taxonomy
 
+# Whole runs on worker clusters (~4 minutes on 2 cores): `make test-cluster`, not `make test`.
+pytestmark = pytest.mark.cluster
+
 REPO = Path(__file__).resolve().parents[2]
 VLPREF_RUN = [sys.executable, "-m", "vlpref.cli", "run"]
 LATENCY_S = 0.05
@@ -173,24 +176,32 @@ def test_cli_run_on_workers_starts_one_server_and_leaves_no_process(
     assert "built in" in (tmp_path / "out.txt").read_text()
 
 
+def vlpref_run(args: list[str], env: dict[str, str], timeout: int = 300) -> Any:
+    """`vlpref run ARGS` in a child process, its output captured."""
+    return subprocess.run(
+        [*VLPREF_RUN, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def the_error_line(done: Any) -> str:
+    """The one `error:` line of a refused command (exit code 2, no traceback)."""
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    return str(errors[0])
+
+
 def test_cli_refuses_a_cluster_by_address_without_a_prefect_server(
     tmp_path: Path, sim: SimServer
 ) -> None:
     path = write_config(tmp_path, sim)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    done = subprocess.run(
-        [*VLPREF_RUN, str(path), "--runner", "dask", "--address", "tcp://127.0.0.1:9"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode != 0
+    done = vlpref_run([str(path), "--runner", "dask", "--address", "tcp://127.0.0.1:9"], env)
+    error = the_error_line(done)
     assert "prefect server start" in done.stderr, done.stderr[-2000:]
-    assert "export PREFECT_API_URL=" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert "export PREFECT_API_URL=" in done.stderr, error
     assert not (tmp_path / "prefect-home" / "server.log").exists()  # no server was started
 
 
@@ -258,29 +269,17 @@ def test_a_ray_cluster_by_address_with_token_authentication(
     path = write_config(tmp_path, sim, concurrency=2)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLPREF_", "RAY_"))}
     env["PREFECT_API_URL"] = prefect_server
-    command = [*VLPREF_RUN, str(path), "--runner", "ray", "--address", ray_head.address]
-    refused = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, refused.stderr[-3000:]
-    assert "RAY_AUTH_MODE=token" in errors[0] and ray_head.address in errors[0]
-    assert "Traceback" not in refused.stderr
+    args = [str(path), "--runner", "ray", "--address", ray_head.address]
+    refused = vlpref_run(args, env)
+    error = the_error_line(refused)
+    assert "RAY_AUTH_MODE=token" in error and ray_head.address in error
     assert ray_head.token_path.read_text() not in refused.stderr + refused.stdout
     state = latest_flow_run_state()  # failed with the reason, not left "Running"
     assert state.is_failed() and "RAY_AUTH_MODE=token" in str(state.message), state
 
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_head.token_path)}
     sim.reset()
-    done = subprocess.run(
-        [*command, "--no-preflight"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = vlpref_run([*args, "--no-preflight"], env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = sim.requests_log()
     assert len(log) > 50 and all(e["status"] == 200 for e in log)
@@ -294,18 +293,8 @@ def test_an_unreachable_dask_scheduler_fails_the_flow_run_with_its_reason(
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLPREF_")}
     env["PREFECT_API_URL"] = prefect_server
     env["DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT"] = "3s"  # Dask's default waits 30 s
-    done = subprocess.run(
-        [*VLPREF_RUN, str(path), "--runner", "dask", "--address", "tcp://127.0.0.1:9"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 2, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Dask scheduler at tcp://127.0.0.1:9" in errors[0], errors
-    assert "Traceback" not in done.stderr
+    done = vlpref_run([str(path), "--runner", "dask", "--address", "tcp://127.0.0.1:9"], env)
+    assert "Dask scheduler at tcp://127.0.0.1:9" in the_error_line(done)
     state = latest_flow_run_state()
     assert state.is_failed() and "tcp://127.0.0.1:9" in str(state.message), state
 
