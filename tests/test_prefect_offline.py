@@ -27,11 +27,14 @@ def tiny() -> int:
 print("result", tiny())
 print("DO_NOT_TRACK", os.environ["DO_NOT_TRACK"])
 print("ANALYTICS", os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"])
+from ray._common.usage.usage_lib import usage_stats_enabled  # what a local ray.init() asks
+print("RAY_USAGE_STATS", usage_stats_enabled())
 """
 
 
 def test_a_flow_runs_offline_without_a_server(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DO_NOT_TRACK"))}
+    unset = ("PREFECT_", "DO_NOT_TRACK", "RAY_USAGE_STATS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(unset)}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     proc = subprocess.run(
@@ -41,4 +44,5 @@ def test_a_flow_runs_offline_without_a_server(tmp_path: Path) -> None:
     assert "result 12" in proc.stdout
     assert "DO_NOT_TRACK 1" in proc.stdout
     assert "ANALYTICS false" in proc.stdout
+    assert "RAY_USAGE_STATS False" in proc.stdout  # on by default for a local Ray otherwise
     assert (tmp_path / "prefect-home").exists()  # its state stayed where we put it
