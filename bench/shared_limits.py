@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,25 +112,13 @@ def run_case(
     started = time.monotonic()
     if workers is None:
         ok = send(sim.base_url, endpoint, requests, "threads")
-    elif runner == "ray":
-        ok = send_on_ray(sim.base_url, endpoint, requests, workers)
     else:
-        from distributed import Client, LocalCluster
-
-        scope = limits.shared_limits() if shared else _no_scope()
-        with (
-            scope,
-            LocalCluster(  # type: ignore[no-untyped-call]
-                n_workers=workers, threads_per_worker=1, processes=True
-            ) as cluster,
-            Client(cluster) as client,  # type: ignore[no-untyped-call]
-        ):
-            share = requests // workers
-            futures = [
-                client.submit(send, sim.base_url, endpoint, share, f"w{i}", pure=False)
-                for i in range(workers)
-            ]
-            ok = sum(client.gather(futures))
+        # The run's scope, as the runners open it (per-process limits: none).
+        with limits.shared_limits() if shared else contextlib.nullcontext("") as scope:
+            if runner == "ray":
+                ok = send_on_ray(sim.base_url, endpoint, requests, workers, scope)
+            else:
+                ok = send_on_dask(sim.base_url, endpoint, requests, workers)
     took = time.monotonic() - started
     arrivals = [e["t"] for e in sim.requests_log() if e["model"] == MODEL]
     span = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
@@ -142,29 +132,41 @@ def run_case(
     }
 
 
-def send_on_ray(base_url: str, endpoint: dict[str, Any], requests: int, workers: int) -> int:
+def send_on_dask(base_url: str, endpoint: dict[str, Any], requests: int, workers: int) -> int:
+    """`workers` Dask worker processes, each sending its share; they inherit the scope and the
+    Prefect API from this process's environment, as the runner's local workers do."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(  # type: ignore[no-untyped-call]
+            n_workers=workers, threads_per_worker=1, processes=True
+        ) as cluster,
+        Client(cluster) as client,  # type: ignore[no-untyped-call]
+    ):
+        share = requests // workers
+        futures = [
+            client.submit(send, base_url, endpoint, share, f"w{i}", pure=False)
+            for i in range(workers)
+        ]
+        return sum(client.gather(futures))
+
+
+def send_on_ray(
+    base_url: str, endpoint: dict[str, Any], requests: int, workers: int, scope: str
+) -> int:
     """`workers` Ray tasks on a local Ray of `workers` CPUs (one task per worker process), each
     with the run's scope and Prefect API in its `runtime_env`, as the Ray runner gives them."""
     import ray
 
-    with limits.shared_limits() as scope:
-        variables = {limits.LIMITS_ENV: scope, "PREFECT_API_URL": os.environ["PREFECT_API_URL"]}
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        try:
-            remote = ray.remote(send).options(runtime_env={"env_vars": variables})
-            share = requests // workers
-            refs = [remote.remote(base_url, endpoint, share, f"r{i}") for i in range(workers)]
-            return sum(ray.get(refs))
-        finally:
-            ray.shutdown()
-
-
-class _no_scope:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    variables = {limits.LIMITS_ENV: scope, "PREFECT_API_URL": os.environ["PREFECT_API_URL"]}
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(send).options(runtime_env={"env_vars": variables})
+        share = requests // workers
+        refs = [remote.remote(base_url, endpoint, share, f"r{i}") for i in range(workers)]
+        return sum(ray.get(refs))
+    finally:
+        ray.shutdown()
 
 
 async def limiter_cost(limiter: limits.SharedLimiter, requests: int, senders: int) -> float:
@@ -238,6 +240,17 @@ def main() -> None:
     write_report(args, rows, cost)
 
 
+def table_rows(
+    rows: list[tuple[str, str, dict[str, Any]]], kind: str, middle: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """The table lines of one kind of case: runner, sent (200), `middle`'s cells, took."""
+    return [
+        f"| {label} | {r['sent']} ({r['ok']}) | {middle(r)} | {r['took_s']:.1f} s |"
+        for case_kind, label, r in rows
+        if case_kind == kind
+    ]
+
+
 def write_report(
     args: argparse.Namespace, rows: list[tuple[str, str, dict[str, Any]]], cost: dict[str, float]
 ) -> None:
@@ -258,12 +271,11 @@ def write_report(
         "| runner | sent (200) | peak in flight | limit | req/min (busiest 10 s) | took |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for kind, label, r in rows:
-        if kind == "concurrency":
-            lines.append(
-                f"| {label} | {r['sent']} ({r['ok']}) | {r['peak']} | {args.concurrency} "
-                f"| {r['busiest_rpm']:.0f} | {r['took_s']:.1f} s |"
-            )
+    lines += table_rows(
+        rows,
+        "concurrency",
+        lambda r: f"{r['peak']} | {args.concurrency} | {r['busiest_rpm']:.0f}",
+    )
     lines += [
         "",
         f"## rpm: {args.rpm:.0f} (concurrency 64, {args.rate_requests} requests)",
@@ -276,12 +288,9 @@ def write_report(
         "| runner | sent (200) | req/min (busiest 10 s) | req/min (whole run) | limit | took |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for kind, label, r in rows:
-        if kind == "rpm":
-            lines.append(
-                f"| {label} | {r['sent']} ({r['ok']}) | {r['busiest_rpm']:.0f} "
-                f"| {r['mean_rpm']:.0f} | {args.rpm:.0f} | {r['took_s']:.1f} s |"
-            )
+    lines += table_rows(
+        rows, "rpm", lambda r: f"{r['busiest_rpm']:.0f} | {r['mean_rpm']:.0f} | {args.rpm:.0f}"
+    )
     per_request_us = cost["prefect"] * 1e6
     lines += [
         "",

@@ -132,8 +132,6 @@ def _api_url_for_workers() -> str | None:
     url = get_current_settings().api.url
     if url:
         return str(url)
-    import sys
-
     module = sys.modules.get("prefect.server.api.server")
     instances = getattr(getattr(module, "SubprocessASGIServer", None), "_instances", {})
     for server in list(instances.values()):
@@ -153,9 +151,7 @@ def _stage_of(parameters: dict[str, Any]) -> tuple[str, str] | None:
 
 def _tell_progress(stage: str, branch_id: str, future: Any) -> None:
     """A stage task finished in a worker: tell this process's listeners its counts (what the
-    task told the worker's, where nobody listens). Failures show in the run summary."""
-    from flows import progress
-
+    task told the worker's, where nobody listens)."""
     try:
         # The finished Dask future holds the task's final state: no call to the Prefect API
         # (its `state` property would ask the API from this callback's thread). A failed
@@ -164,9 +160,22 @@ def _tell_progress(stage: str, branch_id: str, future: Any) -> None:
         value = future.result(timeout=10, raise_on_failure=False)
     except Exception:  # the display is a nicety: never let it break the run
         return
+    _notify_counts(stage, branch_id, value)
+
+
+def _notify_counts(stage: str, branch_id: str, value: Any) -> None:
+    """Tell this process's progress listeners a finished stage task's counts (a failed task's
+    value is its exception, without counts: failures show in the run summary)."""
+    from flows import progress
+
     counts = getattr(value, "counts", None)
     if isinstance(counts, dict):
         progress.notify(stage, branch_id, counts)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message on one line, cut to a length an `error:` line can carry."""
+    return " ".join(str(exc).split())[:300]
 
 
 class _ScaleOut:
@@ -283,9 +292,9 @@ def _scale_out_dask_runner(base: type[Any]) -> type[Any]:
 
         def _connection_error(self, exc: BaseException) -> BaseException:
             if self.address and isinstance(exc, (OSError, TimeoutError)):
-                reason = " ".join(str(exc).split())[:300]
                 return ConfigError(
-                    f"could not connect to the Dask scheduler at {self.address} ({reason}): "
+                    f"could not connect to the Dask scheduler at {self.address} "
+                    f"({_reason(exc)}): "
                     "check the address and that the scheduler runs (`dask scheduler`)"
                 )
             return exc
@@ -361,9 +370,8 @@ def _ray_connection_error(address: str, exc: BaseException) -> str:
         f"RAY_AUTH_MODE=token (now {'unset' if mode is None else repr(mode)}) and give this "
         "host the cluster's token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
     )
-    reason = " ".join(str(exc).split())[:300]
     return (
-        f"could not connect to the Ray cluster at {address} ({reason}): check the address; "
+        f"could not connect to the Ray cluster at {address} ({_reason(exc)}): check the address; "
         f"{hint}; see docs/cluster.md, section 5"
     )
 
@@ -371,8 +379,6 @@ def _ray_connection_error(address: str, exc: BaseException) -> str:
 def _tell_progress_of_state(stage: str, branch_id: str, state: Any) -> None:
     """A Ray task finished: its value is the task's final Prefect state (or the exception that
     crashed it). Tell this process's listeners the stage's counts, as `_tell_progress` does."""
-    from flows import progress
-
     try:
         value = state.result(raise_on_failure=False)
     except Exception:  # the display is a nicety: never let it break the run
@@ -380,9 +386,7 @@ def _tell_progress_of_state(stage: str, branch_id: str, state: Any) -> None:
     if asyncio.iscoroutine(value):  # only from an event loop, which Ray's callbacks are not
         value.close()
         return
-    counts = getattr(value, "counts", None)
-    if isinstance(counts, dict):
-        progress.notify(stage, branch_id, counts)
+    _notify_counts(stage, branch_id, value)
 
 
 _RAY_RUNNER: type[Any] | None = None

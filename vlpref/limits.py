@@ -350,7 +350,7 @@ class PrefectLimiter:
         if lease not in self._leases:
             return
         self._leases.remove(lease)
-        self._spawn(self._release_lease(lease.lease_id))
+        self._spawn_release(lease.lease_id)
 
     async def _release_lease(self, lease_id: UUID) -> None:
         client = self._client
@@ -477,8 +477,13 @@ class _RateBlock:
     lease: _Lease
     spends: deque[tuple[float, int]] = field(default_factory=deque)  # (when, units), in window
     recent: int = 0  # units spent within the last window
-    last_use: float = 0.0
     idle_check: bool = False  # a check for disuse is scheduled
+
+    @property
+    def last_use(self) -> float:
+        """When a unit was last spent from it (its lease time if none is within the window:
+        that is earlier still, so every decision on `last_use` is the same)."""
+        return self.spends[-1][0] if self.spends else self.lease.taken_at
 
 
 class _LeasedRate:
@@ -591,7 +596,7 @@ class _LeasedRate:
                 lease = await self.owner._try_lease(self.name, slots)
             except _Locked:
                 continue
-            self._blocks.append(_RateBlock(lease, last_use=lease.taken_at))
+            self._blocks.append(_RateBlock(lease))
             self.owner._keep_renewed()
             return True
         return False
@@ -599,7 +604,6 @@ class _LeasedRate:
     def _spend(self, block: _RateBlock, amount: int, now: float) -> None:
         block.spends.append((now, amount))
         block.recent += amount
-        block.last_use = now
         if not block.idle_check:
             block.idle_check = True
             asyncio.get_running_loop().call_later(self.window_s, self._retire_if_idle, block)
